@@ -1,0 +1,319 @@
+"""The `sysdesign` command: run the stack, mint tokens, call the services, benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+app = typer.Typer(help="sysdesign: system-design case studies as runnable gRPC services.",
+                  no_args_is_help=True, add_completion=False)
+paste_app = typer.Typer(help="Create and read pastes.", no_args_is_help=True)
+app.add_typer(paste_app, name="paste")
+console = Console()
+err = Console(stderr=True)
+
+
+def _config() -> Any:
+    from servers.platform.config import Config
+
+    return Config()
+
+
+def _run_stack(services: list[str], *, edge: bool, workers: list[str], grpc_enabled: bool = True,
+               banner: bool = False) -> None:
+    from servers.platform.logs import setup_logging
+    from servers.platform.server import Stack, run_stack
+
+    config = _config()
+    setup_logging(config.log_level)
+
+    def ready(stack: Stack) -> None:
+        if not banner:
+            return
+        t = RichTable(title="sysdesign is up", show_header=False, title_justify="left")
+        t.add_row("gRPC", f"{config.grpc_host_port[0]}:{stack.grpc_port}  "
+                          f"({', '.join(stack.service_names)})")
+        t.add_row("HTTP edge", config.edge_base_url)
+        if config.metrics_addr:
+            t.add_row("metrics", f"http://{config.metrics_addr}/metrics")
+        t.add_row("data", str(config.data_dir))
+        t.add_row("redis", config.redis_url or f"embedded Valkey ({config.valkey_dir})")
+        t.add_row("tables", ",".join(config.cassandra_hosts) or f"SQLite ({config.sqlite_path})")
+        t.add_row("blobs", config.s3_endpoint or f"filesystem ({config.blob_root})")
+        t.add_row("try", "sysdesign token alice   then grpcurl (see README)")
+        err.print(t)
+
+    stack = Stack(config, services=services, edge=edge, workers=workers, grpc_enabled=grpc_enabled)
+    try:
+        asyncio.run(run_stack(stack, ready))
+    except KeyboardInterrupt:
+        pass
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def up() -> None:
+    """Run every service, every worker and the HTTP edge in one process on embedded backends."""
+    from servers.systems import SYSTEMS, WORKERS
+
+    _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True)
+
+
+@app.command()
+def serve(
+    services: Annotated[str, typer.Option(help="Comma-separated systems to host.")] = "identity,shortener",
+    edge: Annotated[bool, typer.Option(help="Also serve the HTTP edge.")] = False,
+    workers: Annotated[str, typer.Option(help="Comma-separated workers to run in-process.")] = "",
+) -> None:
+    """Host a subset of the gRPC services (one Deployment per service on Kubernetes)."""
+    _run_stack(_split(services), edge=edge, workers=_split(workers))
+
+
+@app.command()
+def worker(name: Annotated[str, typer.Argument(help="Worker to run, e.g. blobgc.")]) -> None:
+    """Run one background worker (with a gRPC health endpoint for probes)."""
+    from servers.systems import WORKERS
+
+    if name not in WORKERS:
+        err.print(f"[red]unknown worker {name!r}; choose from {sorted(WORKERS)}")
+        raise typer.Exit(2)
+    _run_stack([], edge=False, workers=[name])
+
+
+@app.command()
+def edge() -> None:
+    """Run only the HTTP edge (redirects, raw pastes)."""
+    _run_stack([], edge=True, workers=[], grpc_enabled=False)
+
+
+@app.command()
+def migrate(
+    apply: Annotated[bool, typer.Option("--apply", help="Create the keyspace and tables.")] = False,
+    replication: Annotated[str, typer.Option(
+        help="Keyspace replication, e.g. 'NetworkTopologyStrategy:dc1=3' or 'SimpleStrategy:3'.")] = "",
+) -> None:
+    """Print (or apply) the CQL schema generated from the table definitions."""
+    from servers.storage.cassandra_table import cql_schema
+    from servers.systems import all_tables
+
+    config = _config()
+    repl = _parse_replication(replication)
+    if not apply:
+        sys.stdout.write(cql_schema(all_tables(), config.cassandra_keyspace, repl) + "\n")
+        return
+    from servers.storage.backends import open_table_store
+
+    async def go() -> None:
+        store = open_table_store(config)
+        if repl and hasattr(store, "replication"):
+            store.replication = repl
+        try:
+            await store.create_tables(all_tables())
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    target = ",".join(config.cassandra_hosts) or str(config.sqlite_path)
+    err.print(f"[green]schema applied[/] to {target}: {len(all_tables())} tables")
+
+
+def _parse_replication(spec: str) -> dict[str, Any] | None:
+    if not spec:
+        return None
+    cls, _, rest = spec.partition(":")
+    if cls == "SimpleStrategy":
+        return {"class": cls, "replication_factor": int(rest or 1)}
+    out: dict[str, Any] = {"class": cls}
+    for part in _split(rest):
+        dc, _, n = part.partition("=")
+        out[dc] = int(n)
+    return out
+
+
+@app.command()
+def token(
+    username: Annotated[str, typer.Argument(help="The user; registered first if missing.")],
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+    no_create: Annotated[bool, typer.Option("--no-create", help="Fail if the user does not exist.")] = False,
+) -> None:
+    """Mint a bearer token with the server's secret (for grpcurl: -H 'authorization: Bearer …')."""
+    from clients.localauth import mint_token
+    from servers.platform.errors import InvalidArgument
+
+    try:
+        tok, exp, uid, created = asyncio.run(mint_token(_config(), username, create=not no_create,
+                                                        ttl_seconds=ttl))
+    except (LookupError, InvalidArgument) as e:
+        err.print(f"[red]{e}")
+        raise typer.Exit(1) from e
+    if created:
+        err.print(f"registered user {username} (id {uid})")
+    err.print(f"token for {username} (id {uid}), valid until "
+              f"{datetime.fromtimestamp(exp, UTC).isoformat(timespec='seconds')}")
+    print(tok)
+
+
+# -- client commands ---------------------------------------------------------
+
+def _token(token: str | None, user: str) -> str:
+    if token:
+        return token
+    if os.environ.get("SYSDESIGN_TOKEN"):
+        return os.environ["SYSDESIGN_TOKEN"]
+    from clients.localauth import mint_token
+
+    return asyncio.run(mint_token(_config(), user))[0]
+
+
+def _rpc(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from grpc_status import rpc_status
+
+    try:
+        return fn(*args, timeout=10, **kwargs)
+    except grpc.RpcError as e:
+        err.print(f"[red]{e.code().name}[/]: {e.details()}")  # type: ignore[attr-defined]
+        status = rpc_status.from_call(e)  # type: ignore[arg-type]
+        if status is not None:
+            from google.rpc import error_details_pb2
+
+            for d in status.details:
+                if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    br = error_details_pb2.BadRequest()
+                    d.Unpack(br)
+                    for fv in br.field_violations:
+                        err.print(f"  {fv.field}: {fv.description}")
+        raise typer.Exit(1) from e
+
+
+TokenOpt = Annotated[str | None, typer.Option(help="Bearer token (default: $SYSDESIGN_TOKEN, or minted for --user).")]
+UserOpt = Annotated[str, typer.Option(help="User to mint a token for when none is given.")]
+
+
+@app.command()
+def shorten(
+    long_url: str,
+    alias: Annotated[str, typer.Option(help="Custom alias (4-32 Base62 characters).")] = "",
+    expire_in: Annotated[int, typer.Option(help="Expire after this many seconds (0: never).")] = 0,
+    max_visits: Annotated[int, typer.Option(help="Stop redirecting after this many visits.")] = 0,
+    permanent: Annotated[bool, typer.Option(help="301 instead of 302.")] = False,
+    token: TokenOpt = None,
+    user: UserOpt = "demo",
+) -> None:
+    """Create a short link."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from sysdesign.shortener.v1 import shortener_pb2 as pb
+    from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
+
+    from clients.sdk import bearer, channel
+
+    req = pb.CreateShortUrlRequest(long_url=long_url, custom_alias=alias, max_visits=max_visits,
+                                   redirect_type=pb.REDIRECT_TYPE_PERMANENT if permanent
+                                   else pb.REDIRECT_TYPE_FOUND)
+    if expire_in:
+        ts = Timestamp()
+        ts.FromMilliseconds(int((time.time() + expire_in) * 1000))
+        req.expire_time.CopyFrom(ts)
+    with channel() as ch:
+        resp = _rpc(pbg.ShortenerServiceStub(ch).CreateShortUrl, req, metadata=bearer(_token(token, user)))
+    print(resp.short_url.short_url)
+
+
+@app.command()
+def resolve(code: str) -> None:
+    """Resolve a code to its long URL (counts a click)."""
+    from sysdesign.shortener.v1 import shortener_pb2 as pb
+    from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
+
+    from clients.sdk import channel
+
+    with channel() as ch:
+        resp = _rpc(pbg.ShortenerServiceStub(ch).ResolveShortUrl, pb.ResolveShortUrlRequest(code=code))
+    print(resp.long_url)
+    err.print(f"{pb.RedirectType.Name(resp.redirect_type)}, visit {resp.visit_count}")
+
+
+@app.command()
+def stats(code: str, days: int = 7, token: TokenOpt = None, user: UserOpt = "demo") -> None:
+    """Click analytics of one of your links."""
+    from sysdesign.shortener.v1 import shortener_pb2 as pb
+    from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
+
+    from clients.sdk import bearer, channel
+
+    with channel() as ch:
+        s = _rpc(pbg.ShortenerServiceStub(ch).GetShortUrlStats,
+                 pb.GetShortUrlStatsRequest(code=code, days=days), metadata=bearer(_token(token, user)))
+    console.print(f"[bold]{code}[/]: {s.total_clicks} clicks, ~{s.unique_visitors} unique visitors")
+    t = RichTable("day", "clicks", "")
+    peak = max([d.clicks for d in s.daily_clicks] + [1])
+    for d in s.daily_clicks:
+        t.add_row(d.day, str(d.clicks), "█" * round(30 * d.clicks / peak))
+    console.print(t)
+    r = RichTable("referrer", "clicks")
+    for ref in s.top_referrers:
+        r.add_row(ref.referrer, str(ref.clicks))
+    console.print(r)
+
+
+@paste_app.command("create")
+def paste_create(
+    file: Annotated[Path, typer.Argument(help="A text file, or - for standard input.")],
+    title: str = "",
+    language: str = "",
+    expire_in: int = 0,
+    token: TokenOpt = None,
+    user: UserOpt = "demo",
+) -> None:
+    """Store a paste and print its raw URL."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from sysdesign.shortener.v1 import shortener_pb2 as pb
+    from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
+
+    from clients.sdk import bearer, channel
+
+    text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    req = pb.CreatePasteRequest(content=text, title=title or (file.name if str(file) != "-" else ""),
+                                language=language)
+    if expire_in:
+        ts = Timestamp()
+        ts.FromMilliseconds(int((time.time() + expire_in) * 1000))
+        req.expire_time.CopyFrom(ts)
+    with channel() as ch:
+        resp = _rpc(pbg.PasteServiceStub(ch).CreatePaste, req, metadata=bearer(_token(token, user)))
+    err.print(f"paste {resp.paste.paste_id}, {resp.paste.size_bytes} bytes")
+    print(resp.paste.raw_url)
+
+
+@paste_app.command("get")
+def paste_get(paste_id: str) -> None:
+    """Print a paste's text."""
+    from sysdesign.shortener.v1 import shortener_pb2 as pb
+    from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
+
+    from clients.sdk import channel
+
+    with channel() as ch:
+        resp = _rpc(pbg.PasteServiceStub(ch).GetPaste, pb.GetPasteRequest(paste_id=paste_id))
+    sys.stdout.write(resp.paste.content)
+
+
+bench_app = typer.Typer(help="Open-loop benchmarks against floors measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,60 @@
+"""Minting tokens with the deployment's own secret (the `sysdesign token` command).
+
+Reads the user from the table store directly (the same SQLite file or
+Cassandra keyspace the servers use) and signs with the same secret, so a
+person can explore with grpcurl without writing a login client first.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from servers.identity.tables import USERNAMES, USERS
+from servers.platform.auth import TokenSigner
+from servers.platform.config import Config
+from servers.platform.ids import Snowflake
+from servers.storage.backends import open_table_store
+from servers.systems import all_tables
+
+# Servers lease worker ids below this one; tools that mint ids use it.
+CLI_WORKER_ID = 1023
+
+
+async def mint_token(config: Config, username: str, *, create: bool = True,
+                     ttl_seconds: int | None = None) -> tuple[str, int, int, bool]:
+    """(token, expires_at, user_id, created): the user is registered first when missing."""
+    from argon2 import PasswordHasher
+
+    from servers.platform.errors import Violations
+
+    v = Violations()
+    from servers.identity.service import validate_username
+
+    validate_username(username, v)
+    v.raise_if_any()
+    tables = open_table_store(config)
+    created = False
+    try:
+        if not config.cassandra_hosts:
+            await tables.create_tables(all_tables())
+        row = await tables.get(USERNAMES, {"username": username})
+        if row is None:
+            if not create:
+                raise LookupError(f"no user {username!r}")
+            user_id = Snowflake(CLI_WORKER_ID).next_id()
+            now = int(time.time() * 1000)
+            # A random password nobody knows: this user logs in with minted tokens.
+            pw_hash = PasswordHasher().hash(secrets.token_urlsafe(32))
+            if await tables.put(USERNAMES, {"username": username, "user_id": user_id,
+                                            "password_hash": pw_hash, "create_ms": now},
+                                if_not_exists=True):
+                await tables.put(USERS, {"user_id": user_id, "username": username, "create_ms": now})
+                created = True
+            row = await tables.get(USERNAMES, {"username": username})
+            assert row is not None
+        signer = TokenSigner(config.secret(), config.token_ttl_seconds)
+        token, exp = signer.mint(row["user_id"], username, ttl_seconds=ttl_seconds)
+        return token, exp, row["user_id"], created
+    finally:
+        await tables.close()

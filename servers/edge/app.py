@@ -1,0 +1,133 @@
+"""The HTTP front door (aiohttp): short-link redirects and raw pastes.
+
+    GET /{code}        301/302 to the long URL, counted like ResolveShortUrl
+                       (referrer, user agent, client address); 404 unknown,
+                       410 Gone expired or out of visits.
+    GET /p/{paste_id}  the raw paste as text/plain; charset=utf-8, with ETag,
+                       Last-Modified and Cache-Control; 304 on If-None-Match.
+    GET /healthz       200 when the backends answer.
+
+The edge talks to Redis and the stores directly through the same domain
+code as the gRPC services: a redirect costs one Redis round trip, not a gRPC
+hop.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from email.utils import formatdate
+
+import structlog
+from aiohttp import web
+
+from servers.platform.errors import FailedPrecondition, InvalidArgument, NotFound
+from servers.platform.metrics import HTTP_REQUESTS
+from servers.platform.runtime import Runtime
+from servers.shortener.core import REDIRECT_PERMANENT, ShortenerCore
+from servers.shortener.paste import PasteCore
+
+log = structlog.get_logger("sysdesign.edge")
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{status} {title}</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;color:#222}}
+h1{{font-size:1.4em}}code{{background:#f3f3f3;padding:0 .3em}}</style></head>
+<body><h1>{status} {title}</h1><p>{message}</p></body></html>
+"""
+
+
+def page(status: int, title: str, message: str) -> web.Response:
+    return web.Response(status=status, content_type="text/html", charset="utf-8",
+                        text=_PAGE.format(status=status, title=html.escape(title),
+                                          message=html.escape(message)),
+                        headers={"Cache-Control": "no-store"})
+
+
+def client_ip(request: web.Request) -> str:
+    fwd = request.headers.get("X-Forwarded-For")
+    if fwd:
+        return fwd.split(",")[0].strip()
+    return request.remote or ""
+
+
+def build_app(rt: Runtime) -> web.Application:
+    links = ShortenerCore(rt)
+    pastes = PasteCore(rt)
+    counter = HTTP_REQUESTS
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        code = request.match_info["code"]
+        try:
+            r = await links.resolve(code, referrer=request.headers.get("Referer", ""),
+                                    user_agent=request.headers.get("User-Agent", ""),
+                                    client_ip=client_ip(request))
+        except (NotFound, InvalidArgument):
+            counter.labels("redirect", "404").inc()
+            return page(404, "Not Found", f"There is no short link /{code}.")
+        except FailedPrecondition as e:
+            counter.labels("redirect", "410").inc()
+            return page(410, "Gone", e.message)
+        status = 301 if r.redirect_type == REDIRECT_PERMANENT else 302
+        counter.labels("redirect", str(status)).inc()
+        headers = {"Location": r.long_url}
+        if status == 302:
+            headers["Cache-Control"] = "private, no-cache"
+        else:
+            headers["Cache-Control"] = "public, max-age=86400"
+        return web.Response(status=status, headers=headers)
+
+    async def raw_paste(request: web.Request) -> web.StreamResponse:
+        paste_id = request.match_info["paste_id"]
+        try:
+            row = await pastes.get_meta(paste_id)
+        except (NotFound, InvalidArgument):
+            counter.labels("paste", "404").inc()
+            return page(404, "Not Found", f"There is no paste {paste_id}.")
+        except FailedPrecondition as e:
+            counter.labels("paste", "410").inc()
+            return page(410, "Gone", e.message)
+        etag = f'"{row["etag"]}"'
+        now = time.time()
+        max_age = 86400
+        if row["expire_ms"]:
+            max_age = max(0, min(max_age, int(row["expire_ms"] / 1000 - now)))
+        headers = {
+            "ETag": etag,
+            "Last-Modified": formatdate(row["create_ms"] / 1000, usegmt=True),
+            # Pastes are immutable: caches may keep them until they expire.
+            "Cache-Control": f"public, max-age={max_age}, immutable",
+            "X-Content-Type-Options": "nosniff",
+        }
+        inm = request.headers.get("If-None-Match", "")
+        if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+            counter.labels("paste", "304").inc()
+            return web.Response(status=304, headers=headers)
+        body = b"" if request.method == "HEAD" else await rt.blobs.get(row["blob_key"])
+        counter.labels("paste", "200").inc()
+        resp = web.Response(status=200, body=body, headers=headers,
+                            content_type="text/plain", charset="utf-8")
+        if request.method == "HEAD":
+            resp.headers["Content-Length"] = str(row["size_bytes"])
+        return resp
+
+    async def healthz(request: web.Request) -> web.Response:
+        try:
+            await rt.redis.ping()
+            await rt.tables.ping()
+            await rt.blobs.ping()
+        except Exception as exc:  # noqa: BLE001
+            return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def index(request: web.Request) -> web.Response:
+        return page(200, "sysdesign edge",
+                    "Short links live at /{code}, raw pastes at /p/{id}. "
+                    "Create them over gRPC (see the README).")
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/p/{paste_id}", raw_paste)
+    app.router.add_get("/{code}", redirect)
+    return app

@@ -1,0 +1,184 @@
+"""The platform interceptor: request id, authentication, deadlines, errors, access log, metrics.
+
+One interceptor wraps each handler once (every extra grpc.aio interceptor
+layer costs a coroutine hop per call), doing in order:
+
+1. request id: ``x-request-id`` from the caller's metadata or a new one, bound
+   into structlog's context and returned in the trailing metadata;
+2. authentication: a valid ``authorization: Bearer`` token sets the caller;
+   a missing token is refused with UNAUTHENTICATED unless the method is public;
+   a present but bad or expired token is refused on every method;
+3. deadlines: the handler runs under ``asyncio.timeout(time_remaining)``, so
+   every downstream await (Redis, tables, blobs) is bounded by the caller's deadline;
+4. errors: a ServiceError becomes its rich status; anything else is a bug,
+   logged with its traceback and answered INTERNAL with the request id;
+5. one JSON access-log line and Prometheus metrics per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_status import rpc_status
+
+from servers.platform import auth
+from servers.platform.errors import ServiceError, internal_status
+from servers.platform.metrics import GRPC_LATENCY, GRPC_REQUESTS
+
+log = structlog.get_logger("sysdesign.rpc")
+
+_ALWAYS_PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+class PlatformInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True):
+        self._signer = signer
+        self._public = set(public_methods)
+        self._access_log = access_log
+        self._latency: dict[str, Any] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_ALWAYS_PUBLIC_PREFIXES):
+            return handler
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        public = method in self._public
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata, public),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method, metadata, public),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata, public),
+                handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method, metadata, public),
+            handler.request_deserializer, handler.response_serializer)
+
+    # -- per-call steps ---------------------------------------------------
+
+    def _begin(self, metadata: Any, public: bool) -> tuple[str, auth.Caller | None, ServiceError | None]:
+        rid = ""
+        for k, v in metadata or ():
+            if k == "x-request-id":
+                rid = (v.decode() if isinstance(v, bytes) else v)[:64]
+                break
+        rid = rid or new_request_id()
+        token = auth.bearer_from_metadata(metadata)
+        caller = None
+        err: ServiceError | None = None
+        if token is None:
+            if not public:
+                err = auth.Unauthenticated(
+                    "this call needs a bearer token: authorization: Bearer <token>", reason="TOKEN_MISSING")
+        else:
+            try:
+                if token == "":
+                    raise auth.Unauthenticated("the authorization metadata must be 'Bearer <token>'",
+                                               reason="TOKEN_MALFORMED")
+                caller = self._signer.verify(token)
+            except ServiceError as e:
+                err = e
+        return rid, caller, err
+
+    def _finish(self, method: str, rid: str, caller: auth.Caller | None, code: grpc.StatusCode,
+                started: float, error: str | None = None) -> None:
+        elapsed = time.perf_counter() - started
+        GRPC_REQUESTS.labels(method, code.name).inc()
+        hist = self._latency.get(method)
+        if hist is None:
+            hist = self._latency[method] = GRPC_LATENCY.labels(method)
+        hist.observe(elapsed)
+        if self._access_log or code not in (grpc.StatusCode.OK,):
+            fields: dict[str, Any] = {"method": method, "code": code.name,
+                                      "ms": round(elapsed * 1000, 3), "request_id": rid}
+            if caller is not None:
+                fields["user_id"] = str(caller.user_id)
+            if error:
+                fields["error"] = error
+            log.info("rpc", **fields)
+
+    @staticmethod
+    def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return remaining if remaining is not None and remaining < 1e9 else None
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str, metadata: Any,
+                    public: bool) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            rid, caller, err = self._begin(metadata, public)
+            context.set_trailing_metadata((("x-request-id", rid),))
+            code = grpc.StatusCode.OK
+            reset = auth.set_caller(caller)
+            try:
+                if err is not None:
+                    raise err
+                async with asyncio.timeout(self._timeout(context)):
+                    return await behavior(request, context)
+            except ServiceError as e:
+                code = e.code
+                await context.abort_with_status(rpc_status.to_status(e.to_status()))
+            except TimeoutError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, "deadline exceeded")
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("rpc_failed", method=method, request_id=rid)
+                await context.abort_with_status(rpc_status.to_status(internal_status(rid)))
+            finally:
+                auth.reset_caller(reset)
+                self._finish(method, rid, caller, code, started)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str, metadata: Any,
+                     public: bool) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            rid, caller, err = self._begin(metadata, public)
+            context.set_trailing_metadata((("x-request-id", rid),))
+            code = grpc.StatusCode.OK
+            reset = auth.set_caller(caller)
+            try:
+                if err is not None:
+                    raise err
+                async for item in behavior(request, context):
+                    yield item
+            except ServiceError as e:
+                code = e.code
+                await context.abort_with_status(rpc_status.to_status(e.to_status()))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("rpc_failed", method=method, request_id=rid)
+                await context.abort_with_status(rpc_status.to_status(internal_status(rid)))
+            finally:
+                auth.reset_caller(reset)
+                self._finish(method, rid, caller, code, started)
+
+        return wrapped

@@ -1,0 +1,94 @@
+"""What a process holds: configuration, backends, id generator, token signer.
+
+Every system's servicer is built from one Runtime, so the same code runs in
+`sysdesign up` (everything in one process on embedded backends) and in
+`sysdesign serve --services X` (one Deployment per service on Kubernetes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from servers.platform.auth import TokenSigner
+from servers.platform.config import Config
+from servers.platform.ids import Snowflake, WorkerLease, lease_worker_id
+from servers.storage import redis_conn
+from servers.storage.backends import open_blob_store, open_table_store
+from servers.storage.blob import BlobStore
+from servers.storage.table import Table, TableStore
+
+log = structlog.get_logger("sysdesign.runtime")
+
+
+@dataclass
+class Runtime:
+    config: Config
+    redis: Any
+    tables: TableStore
+    blobs: BlobStore
+    snowflake: Snowflake
+    signer: TokenSigner
+    embedded_valkey: redis_conn.EmbeddedValkey | None = None
+    worker_lease: WorkerLease | None = None
+    background: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, config: Config, *, tables: list[Table], start_embedded: bool = True) -> Runtime:
+        embedded = None
+        url = config.redis_url
+        if not url:
+            if not start_embedded:
+                url = redis_conn.redis_url(config)
+            else:
+                embedded = redis_conn.EmbeddedValkey(config.valkey_dir)
+                url = await asyncio.to_thread(embedded.start)
+                log.info("embedded_valkey_started", url=url, dir=str(config.valkey_dir))
+        redis = redis_conn.connect(url)
+        table_store = open_table_store(config)
+        if not config.cassandra_hosts:
+            # Embedded tables are created on start; on Cassandra `sysdesign migrate --apply`
+            # (the Kubernetes schema Job) owns the schema.
+            await table_store.create_tables(tables)
+        blob_store = open_blob_store(config)
+        lease = None
+        if config.worker_id is not None:
+            worker_id = config.worker_id
+        else:
+            lease = await lease_worker_id(redis)
+            worker_id = lease.worker_id
+        rt = cls(
+            config=config,
+            redis=redis,
+            tables=table_store,
+            blobs=blob_store,
+            snowflake=Snowflake(worker_id),
+            signer=TokenSigner(config.secret(), config.token_ttl_seconds),
+            embedded_valkey=embedded,
+            worker_lease=lease,
+        )
+        if lease is not None:
+            rt.background.append(asyncio.create_task(lease.refresh_forever()))
+        return rt
+
+    async def close(self) -> None:
+        for t in self.background:
+            t.cancel()
+        for t in self.background:
+            with contextlib.suppress(BaseException):
+                await t
+        if self.worker_lease is not None:
+            with contextlib.suppress(Exception):
+                await self.worker_lease.release()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        with contextlib.suppress(Exception):
+            await self.tables.close()
+        with contextlib.suppress(Exception):
+            await self.blobs.close()
+        if self.embedded_valkey is not None:
+            await asyncio.to_thread(self.embedded_valkey.stop)

@@ -1,0 +1,62 @@
+"""The systems one process can host: `sysdesign serve --services identity,shortener`.
+
+Each entry names its gRPC registration, its public (token-optional) methods,
+its tables and its background workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from servers.identity import service as identity
+from servers.platform.runtime import Runtime
+from servers.shortener import paste
+from servers.shortener import service as shortener
+from servers.storage.queue import Job, JobQueue
+from servers.storage.table import Table
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    queue: Callable[[Any], JobQueue]
+    handler: Callable[[Runtime, Job], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    register: Callable[[grpc.aio.Server, Runtime], list[str]]
+    public_methods: set[str]
+    tables: list[Table]
+    workers: list[Worker] = field(default_factory=list)
+
+
+SYSTEMS: dict[str, System] = {
+    "identity": System("identity", identity.register, identity.PUBLIC_METHODS, identity.TABLES),
+    "shortener": System(
+        "shortener", shortener.register, shortener.PUBLIC_METHODS, shortener.TABLES,
+        workers=[Worker("blobgc", paste.blob_gc_queue, paste.handle_blob_gc)],
+    ),
+}
+
+WORKERS: dict[str, Worker] = {w.name: w for s in SYSTEMS.values() for w in s.workers}
+
+
+def all_tables() -> list[Table]:
+    seen: dict[str, Table] = {}
+    for s in SYSTEMS.values():
+        for t in s.tables:
+            seen[t.name] = t
+    return list(seen.values())
+
+
+def select(names: list[str]) -> list[System]:
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown services {unknown}; choose from {sorted(SYSTEMS)}")
+    return [SYSTEMS[n] for n in names]
