@@ -1,0 +1,186 @@
+"""Fixtures of the storage contract suites: every adapter of a port behind one fixture.
+
+- table: SQLite (a file per test) always; Cassandra when
+  ``SYSDESIGN_TEST_CASSANDRA_HOSTS`` is set (a fresh keyspace per run, dropped
+  at the end).
+- blob: the filesystem (a directory per test) always; S3 always, against a
+  moto server run as a separate process for the session (a bucket per test).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from servers.storage.blob import BlobStore
+from servers.storage.table import TableStore
+
+CASSANDRA_ENV = "SYSDESIGN_TEST_CASSANDRA_HOSTS"
+
+
+# ---------------------------------------------------------------------------
+# table
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TableBackend:
+    """Opens stores on one place (a SQLite file, a Cassandra keyspace)."""
+
+    name: str
+    open: Callable[[], TableStore]
+
+
+@pytest.fixture(scope="session")
+def cassandra_keyspace() -> Iterator[str]:
+    hosts = os.environ.get(CASSANDRA_ENV, "")
+    if not hosts:
+        pytest.skip(f"Cassandra adapter not tested: set {CASSANDRA_ENV}=host[,host...]")
+    keyspace = "sysdesign_test_" + secrets.token_hex(4)
+    yield keyspace
+    # Drop the run's keyspace (best effort).
+    try:
+        from cassandra.cluster import Cluster
+
+        cluster = Cluster(
+            contact_points=[h for h in hosts.split(",") if h],
+            port=int(os.environ.get("SYSDESIGN_TEST_CASSANDRA_PORT", "9042")),
+        )
+        try:
+            cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+        finally:
+            cluster.shutdown()
+    except Exception as exc:
+        print(f"could not drop keyspace {keyspace}: {exc}", file=sys.stderr)
+
+
+@pytest.fixture(params=["sqlite", "cassandra"])
+def table_backend(request: pytest.FixtureRequest, tmp_path: Path) -> TableBackend:
+    if request.param == "sqlite":
+        from servers.storage.sqlite_table import SqliteTableStore
+
+        path = tmp_path / "tables.sqlite3"
+        return TableBackend("sqlite", lambda: SqliteTableStore(path))
+
+    keyspace = request.getfixturevalue("cassandra_keyspace")
+    from servers.storage.cassandra_table import CassandraTableStore
+
+    hosts = [h for h in os.environ[CASSANDRA_ENV].split(",") if h]
+    port = int(os.environ.get("SYSDESIGN_TEST_CASSANDRA_PORT", "9042"))
+    local_dc = os.environ.get("SYSDESIGN_TEST_CASSANDRA_LOCAL_DC") or None
+    return TableBackend(
+        "cassandra", lambda: CassandraTableStore(hosts, port, keyspace, local_dc=local_dc)
+    )
+
+
+# ---------------------------------------------------------------------------
+# blob
+# ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server in its own process for the whole session."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {proc.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(url + "/moto-api/", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not answer on {url}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@dataclass
+class BlobBackend:
+    name: str
+    open: Callable[[], BlobStore]
+    # Prepares the place (creates the bucket) before the first store is opened.
+    setup: Callable[[], Awaitable[None]]
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def blob_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BlobBackend:
+    if request.param == "filesystem":
+        from servers.storage.fs_blob import FilesystemBlobStore
+
+        root = tmp_path / "blobs"
+
+        async def nothing() -> None:
+            return None
+
+        return BlobBackend("filesystem", lambda: FilesystemBlobStore(root), nothing)
+
+    endpoint = request.getfixturevalue("moto_endpoint")
+    from servers.storage.s3_blob import S3BlobStore
+
+    bucket = "contract-" + secrets.token_hex(6)
+
+    def make() -> S3BlobStore:
+        return S3BlobStore(
+            bucket, endpoint_url=endpoint, access_key="test", secret_key="test"
+        )
+
+    async def create() -> None:
+        store = make()
+        try:
+            await store.ensure_bucket()
+        finally:
+            await store.close()
+
+    return BlobBackend("s3", make, create)
+
+
+@pytest.fixture
+async def blob_store(blob_backend: BlobBackend) -> AsyncIterator[BlobStore]:
+    await blob_backend.setup()
+    store = blob_backend.open()
+    yield store
+    await store.close()
