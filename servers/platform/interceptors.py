@@ -40,6 +40,13 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
+async def _abort(context: grpc.aio.ServicerContext, status: Any, rid: str) -> None:
+    """Abort with a rich status; the request id stays in the trailers beside the details."""
+    st = rpc_status.to_status(status)
+    st = st._replace(trailing_metadata=(*st.trailing_metadata, ("x-request-id", rid)))  # type: ignore[attr-defined]
+    await context.abort_with_status(st)
+
+
 class PlatformInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True):
         self._signer = signer
@@ -137,7 +144,7 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
                     return await behavior(request, context)
             except ServiceError as e:
                 code = e.code
-                await context.abort_with_status(rpc_status.to_status(e.to_status()))
+                await _abort(context, e.to_status(), rid)
             except TimeoutError:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 await context.abort(code, "deadline exceeded")
@@ -147,7 +154,7 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_failed", method=method, request_id=rid)
-                await context.abort_with_status(rpc_status.to_status(internal_status(rid)))
+                await _abort(context, internal_status(rid), rid)
             finally:
                 auth.reset_caller(reset)
                 self._finish(method, rid, caller, code, started)
@@ -169,14 +176,14 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
                     yield item
             except ServiceError as e:
                 code = e.code
-                await context.abort_with_status(rpc_status.to_status(e.to_status()))
+                await _abort(context, e.to_status(), rid)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_failed", method=method, request_id=rid)
-                await context.abort_with_status(rpc_status.to_status(internal_status(rid)))
+                await _abort(context, internal_status(rid), rid)
             finally:
                 auth.reset_caller(reset)
                 self._finish(method, rid, caller, code, started)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ class EmbeddedValkey:
             raise RuntimeError(
                 f"another process is running the embedded Valkey in {self.data_dir}"
             ) from exc
+        self._stop_orphan()
         self._server = ValkeyServer(
             port=self._port,
             data_dir=self.data_dir,
@@ -63,12 +67,37 @@ class EmbeddedValkey:
                 "appenddirname": "appendonly",
                 "save": "",
                 "maxmemory-policy": "noeviction",
+                "pidfile": str(self.pid_path),
             },
         )
         self._server.start(timeout=30)
         url = f"redis://127.0.0.1:{self._server.port}/0"
         (self.data_dir / "url").write_text(url + "\n")
         return url
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "valkey.pid"
+
+    def _stop_orphan(self) -> None:
+        """Stop a server left running by a process that died without stopping it (SIGKILL, OOM).
+
+        It still owns the AOF; starting a second server on the same files would
+        corrupt them. SIGTERM makes it flush and exit cleanly.
+        """
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"valkey" not in cmdline or str(self.data_dir).encode() not in cmdline:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         if self._server is not None:
