@@ -60,7 +60,7 @@ class StackProcess:
     def start(self, args: list[str] | None = None, timeout: float = 60) -> StackProcess:
         cmd = [sys.executable, "-m", "clients.cli", *(args or ["up"])]
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                      cwd=str(ROOT))
         log.close()

@@ -44,24 +44,28 @@ def page(status: int, title: str, message: str) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def client_ip(request: web.Request) -> str:
+def client_ip(request: web.Request, trusted_proxies: frozenset[str]) -> str:
+    """The client's address; X-Forwarded-For only counts when a trusted proxy sent it."""
+    remote = request.remote or ""
     fwd = request.headers.get("X-Forwarded-For")
-    if fwd:
+    if fwd and remote in trusted_proxies:
         return fwd.split(",")[0].strip()
-    return request.remote or ""
+    return remote
 
 
 def build_app(rt: Runtime) -> web.Application:
     links = ShortenerCore(rt)
     pastes = PasteCore(rt)
     counter = HTTP_REQUESTS
+    trusted = frozenset(rt.config.trusted_proxies)
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         code = request.match_info["code"]
         try:
             r = await links.resolve(code, referrer=request.headers.get("Referer", ""),
                                     user_agent=request.headers.get("User-Agent", ""),
-                                    client_ip=client_ip(request))
+                                    client_ip=client_ip(request, trusted),
+                                    count=request.method != "HEAD")
         except (NotFound, InvalidArgument):
             counter.labels("redirect", "404").inc()
             return page(404, "Not Found", f"There is no short link /{code}.")
@@ -71,10 +75,14 @@ def build_app(rt: Runtime) -> web.Application:
         status = 301 if r.redirect_type == REDIRECT_PERMANENT else 302
         counter.labels("redirect", str(status)).inc()
         headers = {"Location": r.long_url}
-        if status == 302:
+        if status == 302 or r.max_visits:
+            # every visit must reach us: counted, and refused once the limit is reached
             headers["Cache-Control"] = "private, no-cache"
         else:
-            headers["Cache-Control"] = "public, max-age=86400"
+            max_age = 86400
+            if r.expire_ms:
+                max_age = max(0, min(max_age, int(r.expire_ms / 1000 - time.time())))
+            headers["Cache-Control"] = f"public, max-age={max_age}"
         return web.Response(status=status, headers=headers)
 
     async def raw_paste(request: web.Request) -> web.StreamResponse:
@@ -103,7 +111,11 @@ def build_app(rt: Runtime) -> web.Application:
         if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
             counter.labels("paste", "304").inc()
             return web.Response(status=304, headers=headers)
-        body = b"" if request.method == "HEAD" else await rt.blobs.get(row["blob_key"])
+        try:
+            body = b"" if request.method == "HEAD" else await pastes.read_blob(row)
+        except NotFound:
+            counter.labels("paste", "404").inc()
+            return page(404, "Not Found", f"There is no paste {paste_id}.")
         counter.labels("paste", "200").inc()
         resp = web.Response(status=200, body=body, headers=headers,
                             content_type="text/plain", charset="utf-8")
@@ -116,7 +128,7 @@ def build_app(rt: Runtime) -> web.Application:
             await rt.redis.ping()
             await rt.tables.ping()
             await rt.blobs.ping()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
         return web.json_response({"status": "ok"})
 

@@ -13,7 +13,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from google.protobuf.timestamp_pb2 import Timestamp
 from sysdesign.identity.v1 import identity_pb2, identity_pb2_grpc
 
-from servers.identity.tables import USERNAMES, USERS, TABLES
+from servers.identity.tables import TABLES, USERNAMES, USERS
 from servers.platform.auth import require_caller
 from servers.platform.errors import AlreadyExists, NotFound, Unauthenticated, Violations
 from servers.platform.runtime import Runtime

@@ -106,7 +106,7 @@ class TokenSigner:
                             expires_at=int(claims["exp"]))
         except Unauthenticated:
             raise
-        except Exception as exc:  # noqa: BLE001 - anything unparsable is the caller's fault
+        except Exception as exc:
             raise Unauthenticated("malformed token", reason="TOKEN_MALFORMED") from exc
         if caller.expires_at <= now_s:
             raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED")

@@ -25,6 +25,7 @@ scale-out adapter:
 | SYSDESIGN_ACCESS_LOG             | 1 (one JSON line per RPC)       |
 | SYSDESIGN_SHUTDOWN_GRACE_SECONDS | 10                              |
 | SYSDESIGN_CACHE_TTL_SECONDS      | 3600                            |
+| SYSDESIGN_TRUSTED_PROXIES        | 127.0.0.1,::1 (X-Forwarded-For) |
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class Config:
         default_factory=lambda: float(_env("SYSDESIGN_SHUTDOWN_GRACE_SECONDS", "10"))
     )
     cache_ttl_seconds: int = field(default_factory=lambda: int(_env("SYSDESIGN_CACHE_TTL_SECONDS", "3600")))
+    # Peers whose X-Forwarded-For the edge believes (an ingress, a CDN); nobody else's.
+    trusted_proxies: list[str] = field(
+        default_factory=lambda: [p for p in _env("SYSDESIGN_TRUSTED_PROXIES", "127.0.0.1,::1").split(",") if p]
+    )
 
     @property
     def grpc_host_port(self) -> tuple[str, int]:

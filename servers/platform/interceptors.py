@@ -25,10 +25,11 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from servers.platform import auth
-from servers.platform.errors import ServiceError, internal_status
+from servers.platform.errors import InvalidArgument, ServiceError, internal_status
 from servers.platform.metrics import GRPC_LATENCY, GRPC_REQUESTS
 
 log = structlog.get_logger("sysdesign.rpc")
@@ -45,6 +46,30 @@ async def _abort(context: grpc.aio.ServicerContext, status: Any, rid: str) -> No
     st = rpc_status.to_status(status)
     st = st._replace(trailing_metadata=(*st.trailing_metadata, ("x-request-id", rid)))  # type: ignore[attr-defined]
     await context.abort_with_status(st)
+
+
+class _Undecodable:
+    """Stands in for a request the deserializer refused (e.g. a string field that is not UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def wrapped(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return wrapped
+
+
+def _undecodable(request: Any) -> InvalidArgument:
+    return InvalidArgument([("request", f"is not a valid message of this method: {request.error}")])
 
 
 class PlatformInterceptor(grpc.aio.ServerInterceptor):
@@ -65,21 +90,22 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
         public = method in self._public
+        deserialize = _safe_deserializer(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, metadata, public),
-                handler.request_deserializer, handler.response_serializer)
+                deserialize, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(handler.stream_unary, method, metadata, public),
-                handler.request_deserializer, handler.response_serializer)
+                deserialize, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, metadata, public),
-                handler.request_deserializer, handler.response_serializer)
+                deserialize, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(handler.stream_stream, method, metadata, public),
-            handler.request_deserializer, handler.response_serializer)
+            deserialize, handler.response_serializer)
 
     # -- per-call steps ---------------------------------------------------
 
@@ -140,6 +166,8 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if err is not None:
                     raise err
+                if isinstance(request, _Undecodable):
+                    raise _undecodable(request)
                 async with asyncio.timeout(self._timeout(context)):
                     return await behavior(request, context)
             except ServiceError as e:
@@ -172,6 +200,8 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if err is not None:
                     raise err
+                if isinstance(request, _Undecodable):
+                    raise _undecodable(request)
                 async for item in behavior(request, context):
                     yield item
             except ServiceError as e:

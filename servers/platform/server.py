@@ -141,7 +141,7 @@ class Stack:
                 try:
                     await asyncio.wait_for(ping(), timeout=2)
                     BACKEND_UP.labels(name).set(1)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     BACKEND_UP.labels(name).set(0)
                     ok = False
                     log.warning("backend_unreachable", backend=name, error=str(exc))

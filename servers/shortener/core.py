@@ -43,7 +43,7 @@ REDIRECT_FOUND = 2
 NEGATIVE_TTL_SECONDS = 30
 TOMBSTONE = b"-"
 
-# KEYS: link, visits, uv, daily, refs. ARGV: visitor, day, referrer, now_ms.
+# KEYS: link, visits, uv, daily, refs. ARGV: visitor, day, referrer, now_ms, count (1/0).
 # Returns {0} miss, {1} negative, {2, v} expired, {3, v, n} exhausted, {4, v, n} counted.
 _RESOLVE_LUA = """
 local v = redis.call('GET', KEYS[1])
@@ -55,6 +55,7 @@ exp = tonumber(exp)
 if exp > 0 and tonumber(ARGV[4]) >= exp then return {2, v} end
 local n = tonumber(redis.call('GET', KEYS[2]) or '0')
 if maxv > 0 and n >= maxv then return {3, v, n} end
+if ARGV[5] == '0' then return {4, v, n} end
 n = redis.call('INCR', KEYS[2])
 redis.call('PFADD', KEYS[3], ARGV[1])
 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
@@ -78,6 +79,8 @@ class Resolved:
     long_url: str
     redirect_type: int
     visit_count: int
+    expire_ms: int = 0
+    max_visits: int = 0
 
 
 def _decode_cached(v: bytes) -> tuple[int, int, int, str]:
@@ -127,6 +130,7 @@ class ShortenerCore:
     async def create(self, owner_id: int, long_url: str, *, alias: str = "", expire_ms: int | None = None,
                      max_visits: int = 0, redirect_type: int = 0) -> dict[str, Any]:
         self.validate_create(long_url, alias, expire_ms, max_visits, redirect_type)
+        long_url = val.to_ascii_url(long_url)
         now = int(time.time() * 1000)
         row: dict[str, Any] = {
             "link_id": self.rt.snowflake.next_id(),
@@ -164,14 +168,15 @@ class ShortenerCore:
     # -- resolve -----------------------------------------------------------
 
     async def resolve(self, code: str, *, referrer: str = "", user_agent: str = "",
-                      client_ip: str = "") -> Resolved:
+                      client_ip: str = "", count: bool = True) -> Resolved:
+        """The link's target; with ``count`` the click is counted (HEAD requests are not)."""
         v = Violations()
         val.check_code(code, v)
         v.raise_if_any()
         keys = link_keys(code)
         now = int(time.time() * 1000)
         visitor = hashlib.blake2b(f"{client_ip}|{user_agent}".encode(), digest_size=12).hexdigest()
-        args = [visitor, utc_day(now), referrer_host(referrer), now]
+        args = [visitor, utc_day(now), referrer_host(referrer), now, 1 if count else 0]
         res = await self._resolve(keys=keys, args=args)
         if res[0] == 0:
             CACHE_LOOKUPS.labels("shorturl", "miss").inc()
@@ -182,7 +187,8 @@ class ShortenerCore:
             await self.redis.set(keys[0], encode_cached(row), ex=self.cache_ttl, nx=True)
             res = await self._resolve(keys=keys, args=args)
             if res[0] == 0:  # evicted in between: answer from the row, uncounted
-                return Resolved(row["long_url"], row["redirect_type"], 0)
+                return Resolved(row["long_url"], row["redirect_type"], 0,
+                                row["expire_ms"] or 0, row["max_visits"] or 0)
         else:
             CACHE_LOOKUPS.labels("shorturl", "negative_hit" if res[0] == 1 else "hit").inc()
         status = res[0]
@@ -195,7 +201,7 @@ class ShortenerCore:
         if status == 3:
             raise FailedPrecondition(f"the short URL {code!r} has reached its {maxv} visits",
                                      reason="SHORT_URL_VISITS_EXHAUSTED", subject=f"shorturls/{code}")
-        return Resolved(url, redirect, int(res[2]))
+        return Resolved(url, redirect, int(res[2]), exp, maxv)
 
     # -- owner operations ----------------------------------------------------
 

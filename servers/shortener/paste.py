@@ -16,6 +16,7 @@ from servers.platform.runtime import Runtime
 from servers.shortener import validation as val
 from servers.shortener.codes import CodeAllocator
 from servers.shortener.tables import PASTES
+from servers.storage.blob import BlobNotFound
 from servers.storage.queue import Job, JobQueue
 
 BLOB_GC_STREAM = "{q:blobgc}"
@@ -46,10 +47,7 @@ class PasteCore:
             v.add("content", "is required")
         elif len(data) > val.MAX_PASTE_BYTES:
             v.add("content", f"must be at most {val.MAX_PASTE_BYTES} bytes of UTF-8 (got {len(data)})")
-        if len(title) > val.MAX_TITLE:
-            v.add("title", f"must be at most {val.MAX_TITLE} characters")
-        elif any(ord(c) < 32 for c in title):
-            v.add("title", "must not contain control characters")
+        val.check_title(title, v)
         if language and not val.LANGUAGE_RE.match(language):
             v.add("language", "must be 1-32 characters of a-z, 0-9, '+', '#', '.', '-'")
         val.check_future(expire_ms, v, "expire_time")
@@ -90,8 +88,13 @@ class PasteCore:
 
     async def get(self, paste_id: str) -> tuple[dict[str, Any], str]:
         row = await self.get_meta(paste_id)
-        data = await self.rt.blobs.get(row["blob_key"])
-        return row, data.decode("utf-8")
+        return row, (await self.read_blob(row)).decode("utf-8")
+
+    async def read_blob(self, row: dict[str, Any]) -> bytes:
+        try:
+            return await self.rt.blobs.get(row["blob_key"])
+        except BlobNotFound as exc:  # deleted between the metadata read and this one
+            raise NotFound(f"no paste {row['paste_id']!r}", reason="PASTE_NOT_FOUND") from exc
 
     async def delete(self, paste_id: str, owner_id: int) -> None:
         v = Violations()
@@ -108,4 +111,5 @@ class PasteCore:
 
 async def handle_blob_gc(rt: Runtime, job: Job) -> None:
     """Idempotent: deleting an absent blob is not an error."""
-    await rt.blobs.delete(job.fields["blob_key"])
+    key = job.fields["blob_key"]
+    await rt.blobs.delete(key.decode() if isinstance(key, bytes) else key)

@@ -14,6 +14,7 @@ from sysdesign.shortener.v1 import shortener_pb2 as pb
 from sysdesign.shortener.v1 import shortener_pb2_grpc as pb_grpc
 
 from servers.platform.auth import require_caller
+from servers.platform.errors import InvalidArgument
 from servers.platform.runtime import Runtime
 from servers.shortener.core import ShortenerCore
 from servers.shortener.paste import PasteCore
@@ -35,8 +36,16 @@ def _ts(ms: int) -> Timestamp | None:
     return t
 
 
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31
+
+
 def _ms(request: Any, field: str) -> int | None:
-    return getattr(request, field).ToMilliseconds() if request.HasField(field) else None
+    if not request.HasField(field):
+        return None
+    ts = getattr(request, field)
+    if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000):
+        raise InvalidArgument([(field, "is not a valid timestamp")])
+    return int(ts.ToMilliseconds())
 
 
 class ShortenerServicer(pb_grpc.ShortenerServiceServicer):

