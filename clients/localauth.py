@@ -13,12 +13,10 @@ import time
 from servers.identity.tables import USERNAMES, USERS
 from servers.platform.auth import TokenSigner
 from servers.platform.config import Config
-from servers.platform.ids import Snowflake
+from servers.platform.ids import TOOL_WORKER_ID, Snowflake
 from servers.storage.backends import open_table_store
 from servers.systems import all_tables
 
-# Servers lease worker ids below this one; tools that mint ids use it.
-CLI_WORKER_ID = 1023
 
 
 async def mint_token(config: Config, username: str, *, create: bool = True,
@@ -42,7 +40,7 @@ async def mint_token(config: Config, username: str, *, create: bool = True,
         if row is None:
             if not create:
                 raise LookupError(f"no user {username!r}")
-            user_id = Snowflake(CLI_WORKER_ID).next_id()
+            user_id = Snowflake(TOOL_WORKER_ID).next_id()
             now = int(time.time() * 1000)
             # A random password nobody knows: this user logs in with minted tokens.
             pw_hash = PasswordHasher().hash(secrets.token_urlsafe(32))

@@ -53,6 +53,10 @@ SEQUENCE_BITS = 12
 
 MAX_WORKER_ID = (1 << WORKER_BITS) - 1  # 1023
 WORKER_IDS = 1 << WORKER_BITS  # 1024
+# The last worker id is kept for tools that mint ids outside a server (the
+# `sysdesign token` command registering a user); servers lease the others.
+TOOL_WORKER_ID = WORKER_IDS - 1
+LEASABLE_WORKER_IDS = WORKER_IDS - 1
 MAX_SEQUENCE = (1 << SEQUENCE_BITS) - 1  # 4095
 MAX_TIMESTAMP = (1 << TIMESTAMP_BITS) - 1  # offset from EPOCH_MS, in ms
 MAX_ID = (1 << (TIMESTAMP_BITS + WORKER_BITS + SEQUENCE_BITS)) - 1  # 2**63 - 1
@@ -420,14 +424,14 @@ async def lease_worker_id(
     if ttl_seconds < 3:
         raise ValueError("ttl_seconds must be at least 3")
     token = secrets.token_hex(16)
-    start = random.randrange(WORKER_IDS)
-    for i in range(WORKER_IDS):
-        n = (start + i) % WORKER_IDS
+    start = random.randrange(LEASABLE_WORKER_IDS)
+    for i in range(LEASABLE_WORKER_IDS):
+        n = (start + i) % LEASABLE_WORKER_IDS
         key = f"{prefix}:worker:{n}"
         if await redis.set(key, token, nx=True, ex=ttl_seconds):
             log.info("worker_id_leased", worker_id=n, key=key, ttl_seconds=ttl_seconds)
             return WorkerLease(redis, n, key, token, ttl_seconds)
     raise WorkerIdsExhausted(
-        f"all {WORKER_IDS} worker ids under {prefix}:worker:* are leased; "
+        f"all {LEASABLE_WORKER_IDS} worker ids under {prefix}:worker:* are leased; "
         "stop some processes or set SYSDESIGN_WORKER_ID"
     )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from servers.platform.ids import WORKER_IDS, WorkerIdsExhausted, lease_worker_id
+from servers.platform.ids import LEASABLE_WORKER_IDS, TOOL_WORKER_ID, WorkerIdsExhausted, lease_worker_id
 from servers.storage.queue import Job, JobQueue
 from servers.storage.redis_conn import connect, key
 
@@ -284,7 +284,8 @@ async def test_two_leases_get_distinct_ids_and_release_frees(r: aioredis.Redis) 
     a = await lease_worker_id(r, prefix=prefix, ttl_seconds=30)
     b = await lease_worker_id(r, prefix=prefix, ttl_seconds=30)
     assert a.worker_id != b.worker_id
-    assert 0 <= a.worker_id < WORKER_IDS and 0 <= b.worker_id < WORKER_IDS
+    assert 0 <= a.worker_id < LEASABLE_WORKER_IDS and 0 <= b.worker_id < LEASABLE_WORKER_IDS
+    assert TOOL_WORKER_ID not in (a.worker_id, b.worker_id)
     assert await r.get(a.key) == a.token.encode()
     assert 0 < await r.ttl(a.key) <= 30
 
@@ -299,7 +300,7 @@ async def test_released_id_can_be_leased_again(r: aioredis.Redis) -> None:
     prefix = lease_prefix()
     # Take all ids but one, so the next lease must get exactly that one.
     async with r.pipeline(transaction=False) as pipe:
-        for n in range(WORKER_IDS):
+        for n in range(LEASABLE_WORKER_IDS):
             if n != 17:
                 pipe.set(f"{prefix}:worker:{n}", "other", ex=30)
         await pipe.execute()
