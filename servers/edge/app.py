@@ -17,11 +17,13 @@ from __future__ import annotations
 import html
 import time
 from email.utils import formatdate
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from servers.platform.errors import FailedPrecondition, InvalidArgument, NotFound
+from servers.platform.interceptors import BACKEND_ERRORS
 from servers.platform.metrics import HTTP_REQUESTS
 from servers.platform.runtime import Runtime
 from servers.shortener.core import REDIRECT_PERMANENT, ShortenerCore
@@ -137,7 +139,18 @@ def build_app(rt: Runtime) -> web.Application:
                     "Short links live at /{code}, raw pastes at /p/{id}. "
                     "Create them over gRPC (see the README).")
 
-    app = web.Application()
+    @web.middleware
+    async def backend_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BACKEND_ERRORS as exc:
+            log.warning("backend_unavailable", path=request.path, error=repr(exc))
+            counter.labels("error", "503").inc()
+            resp = page(503, "Service Unavailable", "A backend is unavailable; try again shortly.")
+            resp.headers["Retry-After"] = "5"
+            return resp
+
+    app = web.Application(middlewares=[backend_errors])
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/p/{paste_id}", raw_paste)

@@ -27,10 +27,13 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
+from redis import exceptions as redis_exceptions
 
 from servers.platform import auth
-from servers.platform.errors import InvalidArgument, ServiceError, internal_status
+from servers.platform.errors import InvalidArgument, ServiceError, Unavailable, internal_status
 from servers.platform.metrics import GRPC_LATENCY, GRPC_REQUESTS
+from servers.storage.blob import BlobError
+from servers.storage.table import TableError
 
 log = structlog.get_logger("sysdesign.rpc")
 
@@ -66,6 +69,21 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
             return _Undecodable(exc)
 
     return wrapped
+
+
+# A backend that does not answer is not a bug: UNAVAILABLE tells clients to retry.
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (
+    redis_exceptions.ConnectionError,
+    redis_exceptions.TimeoutError,
+    redis_exceptions.BusyLoadingError,
+    TableError,
+    BlobError,
+)
+
+
+def _unavailable(exc: BaseException, rid: str) -> Unavailable:
+    return Unavailable(f"a backend is unavailable, retry later (request id {rid})",
+                       reason="BACKEND_UNAVAILABLE", metadata={"backend_error": type(exc).__name__})
 
 
 def _undecodable(request: Any) -> InvalidArgument:
@@ -176,6 +194,10 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
             except TimeoutError:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 await context.abort(code, "deadline exceeded")
+            except BACKEND_ERRORS as e:
+                code = grpc.StatusCode.UNAVAILABLE
+                log.warning("backend_unavailable", method=method, request_id=rid, error=repr(e))
+                await _abort(context, _unavailable(e, rid).to_status(), rid)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]
                 raise
@@ -207,6 +229,10 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
             except ServiceError as e:
                 code = e.code
                 await _abort(context, e.to_status(), rid)
+            except BACKEND_ERRORS as e:
+                code = grpc.StatusCode.UNAVAILABLE
+                log.warning("backend_unavailable", method=method, request_id=rid, error=repr(e))
+                await _abort(context, _unavailable(e, rid).to_status(), rid)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]
                 raise
