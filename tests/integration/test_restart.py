@@ -100,3 +100,39 @@ def test_everything_survives_a_restart(tmp_path: Path, how: signal.Signals) -> N
         if s.proc and s.proc.poll() is None:
             s.stop(signal.SIGKILL)
 
+
+
+def test_flushed_redis_loses_no_link_and_reuses_no_code(tmp_path: Path) -> None:
+    """Redis is a cache and a counter: after FLUSHALL every link still resolves and new codes are fresh."""
+    import redis
+
+    s = StackProcess(tmp_path / "data").start()
+    try:
+        md = grpc_metadata(s.token("erin"))
+        short = pbg.ShortenerServiceStub(s.channel())
+        before = {}
+        for i in range(25):
+            link = short.CreateShortUrl(pb.CreateShortUrlRequest(long_url=f"https://example.com/f{i}"),
+                                        metadata=md).short_url
+            before[link.code] = link.long_url
+        url = (tmp_path / "data" / "valkey" / "url").read_text().strip()
+        redis.Redis.from_url(url).flushall()
+        for code, long_url in before.items():
+            assert short.ResolveShortUrl(pb.ResolveShortUrlRequest(code=code)).long_url == long_url
+        # a second server process reserves its block from the flushed counter too
+        s2 = StackProcess(tmp_path / "data2", extra_env={"SYSDESIGN_REDIS_URL": url,
+                                                         "SYSDESIGN_DATA_DIR": str(tmp_path / "data")})
+        s2.start(["serve", "--services", "shortener"])
+        try:
+            short2 = pbg.ShortenerServiceStub(s2.channel())
+            after = [stub.CreateShortUrl(pb.CreateShortUrlRequest(long_url="https://example.com/new"),
+                                         metadata=md).short_url.code
+                     for stub in (short, short2) for _ in range(25)]
+        finally:
+            assert s2.stop() == 0, s2.logs()
+        assert len(set(after)) == len(after)
+        assert not set(after) & set(before)
+        # the new block was reserved above the one handed out before the flush, not over it
+        assert int(redis.Redis.from_url(url).get("{ctr:shorturl}") or 0) >= 2000
+    finally:
+        assert s.stop() == 0, s.logs()
