@@ -26,13 +26,14 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 from redis import exceptions as redis_exceptions
 
 from servers.platform import auth
 from servers.platform.errors import InvalidArgument, ServiceError, Unavailable, internal_status
 from servers.platform.metrics import GRPC_LATENCY, GRPC_REQUESTS
-from servers.storage.blob import BlobError
+from servers.storage.blob import BlobError, BlobNotFound
 from servers.storage.table import TableError
 
 log = structlog.get_logger("sysdesign.rpc")
@@ -84,6 +85,20 @@ BACKEND_ERRORS: tuple[type[BaseException], ...] = (
 def _unavailable(exc: BaseException, rid: str) -> Unavailable:
     return Unavailable(f"a backend is unavailable, retry later (request id {rid})",
                        reason="BACKEND_UNAVAILABLE", metadata={"backend_error": type(exc).__name__})
+
+
+def _failure(exc: Exception, method: str, rid: str) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The status an exception escaping a handler becomes (called inside the except block)."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.to_status()
+    if isinstance(exc, TimeoutError):  # the caller's deadline, enforced by asyncio.timeout
+        return grpc.StatusCode.DEADLINE_EXCEEDED, status_pb2.Status(
+            code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="deadline exceeded")
+    if isinstance(exc, BACKEND_ERRORS) and not isinstance(exc, BlobNotFound):
+        log.warning("backend_unavailable", method=method, request_id=rid, error=repr(exc))
+        return grpc.StatusCode.UNAVAILABLE, _unavailable(exc, rid).to_status()
+    log.exception("rpc_failed", method=method, request_id=rid)
+    return grpc.StatusCode.INTERNAL, internal_status(rid)
 
 
 def _undecodable(request: Any) -> InvalidArgument:
@@ -188,23 +203,12 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
                     raise _undecodable(request)
                 async with asyncio.timeout(self._timeout(context)):
                     return await behavior(request, context)
-            except ServiceError as e:
-                code = e.code
-                await _abort(context, e.to_status(), rid)
-            except TimeoutError:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                await context.abort(code, "deadline exceeded")
-            except BACKEND_ERRORS as e:
-                code = grpc.StatusCode.UNAVAILABLE
-                log.warning("backend_unavailable", method=method, request_id=rid, error=repr(e))
-                await _abort(context, _unavailable(e, rid).to_status(), rid)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("rpc_failed", method=method, request_id=rid)
-                await _abort(context, internal_status(rid), rid)
+            except Exception as e:
+                code, status = _failure(e, method, rid)
+                await _abort(context, status, rid)
             finally:
                 auth.reset_caller(reset)
                 self._finish(method, rid, caller, code, started)
@@ -226,20 +230,12 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
                     raise _undecodable(request)
                 async for item in behavior(request, context):
                     yield item
-            except ServiceError as e:
-                code = e.code
-                await _abort(context, e.to_status(), rid)
-            except BACKEND_ERRORS as e:
-                code = grpc.StatusCode.UNAVAILABLE
-                log.warning("backend_unavailable", method=method, request_id=rid, error=repr(e))
-                await _abort(context, _unavailable(e, rid).to_status(), rid)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("rpc_failed", method=method, request_id=rid)
-                await _abort(context, internal_status(rid), rid)
+            except Exception as e:
+                code, status = _failure(e, method, rid)
+                await _abort(context, status, rid)
             finally:
                 auth.reset_caller(reset)
                 self._finish(method, rid, caller, code, started)
