@@ -18,7 +18,6 @@ from servers.storage.backends import open_table_store
 from servers.systems import all_tables
 
 
-
 async def mint_token(config: Config, username: str, *, create: bool = True,
                      ttl_seconds: int | None = None) -> tuple[str, int, int, bool]:
     """(token, expires_at, user_id, created): the user is registered first when missing."""
