@@ -315,5 +315,24 @@ bench_app = typer.Typer(help="Open-loop benchmarks against floors measured in th
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("shortener")
+def bench_shortener(
+    quick: Annotated[bool, typer.Option(help="Small counts and short steps (about 2 minutes).")] = False,
+    links: Annotated[int | None, typer.Option(help="Links stored for the scale scenario (default 1,000,000).")] = None,
+    scenarios: Annotated[str, typer.Option(help="Subset of resolve,redirect,create,scale.")] = "resolve,redirect,create,scale",
+    out: Annotated[Path, typer.Option(help="Where the JSON, Markdown and PNG results go.")] = Path("bench-results"),
+    workers: Annotated[int | None, typer.Option(help="Load-generator processes (default 2).")] = None,
+    keep_data: Annotated[bool, typer.Option(help="Keep the stack's data dir and log.")] = False,
+    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the stack, repeatable.")] = None,
+) -> None:
+    """URL shortener: resolve, edge redirects, create and 1M-link scale against floors run alongside."""
+    from clients.bench.shortener import ShortenerBenchOptions, main
+
+    extra = dict(e.split("=", 1) for e in env or [])
+    raise typer.Exit(main(ShortenerBenchOptions(
+        quick=quick, links=links, out_dir=out, workers=workers, keep_data=keep_data,
+        scenarios=tuple(_split(scenarios)), extra_env=extra)))
+
+
 if __name__ == "__main__":
     app()

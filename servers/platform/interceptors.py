@@ -1,10 +1,11 @@
-"""The platform interceptor: request id, authentication, deadlines, errors, access log, metrics.
+"""The platform middleware: request id, authentication, deadlines, errors, access log, metrics.
 
-One interceptor wraps each handler once (every extra grpc.aio interceptor
-layer costs a coroutine hop per call), doing in order:
+Every handler of every system is wrapped once, at registration (a grpc.aio
+interceptor would add a coroutine hop per call to find the handler). Per
+call, in order:
 
-1. request id: ``x-request-id`` from the caller's metadata or a new one, bound
-   into structlog's context and returned in the trailing metadata;
+1. request id: ``x-request-id`` from the caller's metadata or a new one,
+   written in the access-log and error lines and returned in the trailing metadata;
 2. authentication: a valid ``authorization: Bearer`` token sets the caller;
    a missing token is refused with UNAUTHENTICATED unless the method is public;
    a present but bad or expired token is refused on every method;
@@ -32,13 +33,13 @@ from redis import exceptions as redis_exceptions
 
 from servers.platform import auth
 from servers.platform.errors import InvalidArgument, ServiceError, Unavailable, internal_status
+from servers.platform.logs import access_log
 from servers.platform.metrics import GRPC_LATENCY, GRPC_REQUESTS
 from servers.storage.blob import BlobError, BlobNotFound
 from servers.storage.table import TableError
 
 log = structlog.get_logger("sysdesign.rpc")
 
-_ALWAYS_PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
 def new_request_id() -> str:
@@ -105,44 +106,50 @@ def _undecodable(request: Any) -> InvalidArgument:
     return InvalidArgument([("request", f"is not a valid message of this method: {request.error}")])
 
 
-class PlatformInterceptor(grpc.aio.ServerInterceptor):
+class PlatformInterceptor:
+    """Wraps every handler of the systems' servicers once, when it is registered.
+
+    A grpc.aio ``ServerInterceptor`` runs an extra coroutine per call just to
+    pick the handler; wrapping at registration time does the same work with
+    no per-call lookup. Use ``registrar(server)`` in place of the server when
+    calling the generated ``add_XServicer_to_server`` functions. Health and
+    reflection are registered on the server directly and stay unwrapped.
+    """
+
     def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True):
         self._signer = signer
         self._public = set(public_methods)
         self._access_log = access_log
+        self._requests: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._latency: dict[str, Any] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(_ALWAYS_PUBLIC_PREFIXES):
-            return handler
-        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+    def registrar(self, server: grpc.aio.Server) -> _Registrar:
+        return _Registrar(self, server)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         public = method in self._public
         deserialize = _safe_deserializer(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metadata, public),
+                self._wrap_unary(handler.unary_unary, method, public),
                 deserialize, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, metadata, public),
+                self._wrap_unary(handler.stream_unary, method, public),
                 deserialize, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metadata, public),
+                self._wrap_stream(handler.unary_stream, method, public),
                 deserialize, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method, metadata, public),
+            self._wrap_stream(handler.stream_stream, method, public),
             deserialize, handler.response_serializer)
 
     # -- per-call steps ---------------------------------------------------
 
-    def _begin(self, metadata: Any, public: bool) -> tuple[str, auth.Caller | None, ServiceError | None]:
+    def _begin(self, context: grpc.aio.ServicerContext,
+               public: bool) -> tuple[str, auth.Caller | None, ServiceError | None]:
+        metadata = context.invocation_metadata()
         rid = ""
         for k, v in metadata or ():
             if k == "x-request-id":
@@ -169,7 +176,10 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
     def _finish(self, method: str, rid: str, caller: auth.Caller | None, code: grpc.StatusCode,
                 started: float, error: str | None = None) -> None:
         elapsed = time.perf_counter() - started
-        GRPC_REQUESTS.labels(method, code.name).inc()
+        counter = self._requests.get((method, code))
+        if counter is None:
+            counter = self._requests[(method, code)] = GRPC_REQUESTS.labels(method, code.name)
+        counter.inc()
         hist = self._latency.get(method)
         if hist is None:
             hist = self._latency[method] = GRPC_LATENCY.labels(method)
@@ -181,18 +191,18 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
                 fields["user_id"] = str(caller.user_id)
             if error:
                 fields["error"] = error
-            log.info("rpc", **fields)
+            access_log(fields)
 
     @staticmethod
     def _timeout(context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return remaining if remaining is not None and remaining < 1e9 else None
 
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str, metadata: Any,
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str,
                     public: bool) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            rid, caller, err = self._begin(metadata, public)
+            rid, caller, err = self._begin(context, public)
             context.set_trailing_metadata((("x-request-id", rid),))
             code = grpc.StatusCode.OK
             reset = auth.set_caller(caller)
@@ -215,11 +225,11 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str, metadata: Any,
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str,
                      public: bool) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            rid, caller, err = self._begin(metadata, public)
+            rid, caller, err = self._begin(context, public)
             context.set_trailing_metadata((("x-request-id", rid),))
             code = grpc.StatusCode.OK
             reset = auth.set_caller(caller)
@@ -241,3 +251,22 @@ class PlatformInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(method, rid, caller, code, started)
 
         return wrapped
+
+
+class _Registrar:
+    """Stands in for the server in ``add_XServicer_to_server``: wraps, then registers."""
+
+    def __init__(self, platform: PlatformInterceptor, server: grpc.aio.Server) -> None:
+        self._platform = platform
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        # The generated code registers each service twice (generic + registered);
+        # the registered call below carries the same handlers.
+        pass
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: self._platform.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)

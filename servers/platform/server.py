@@ -66,12 +66,11 @@ class Stack:
             public |= s.public_methods
 
         if self.grpc_enabled:
-            self.server = grpc.aio.server(
-                interceptors=[PlatformInterceptor(rt.signer, public, access_log=self.config.access_log)],
-                options=GRPC_OPTIONS,
-            )
+            self.server = grpc.aio.server(options=GRPC_OPTIONS)
+            platform = PlatformInterceptor(rt.signer, public, access_log=self.config.access_log)
+            registrar = platform.registrar(self.server)
             for s in selected:
-                self.service_names += s.register(self.server, rt)
+                self.service_names += s.register(registrar, rt)  # type: ignore[arg-type]
             self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             reflection.enable_server_reflection(
