@@ -9,7 +9,10 @@ expiry are invisible to ``get``/``slice``, count as absent for
 All SQLite work runs on one dedicated worker thread with one connection
 (WAL, ``synchronous=NORMAL``, ``busy_timeout=5000``): several processes (the
 server and the CLI) may open the same file, writers serialise on SQLite's
-write lock (``BEGIN IMMEDIATE``). WAL with ``synchronous=NORMAL`` keeps every
+write lock (``BEGIN IMMEDIATE``). Writes queued together share one
+transaction (group commit, each write in its own savepoint; see
+:class:`SqliteTableStore`), and a write is acknowledged only once its
+transaction committed. WAL with ``synchronous=NORMAL`` keeps every
 acknowledged write across a crash of the process; only an OS crash or power
 loss can lose the last transactions.
 
@@ -26,9 +29,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
 from servers.storage.table import (
@@ -285,6 +288,44 @@ def _where(cols: Sequence[str]) -> str:
 
 _LIVE = f"({_EXPIRES} IS NULL OR {_EXPIRES} > ?)"
 
+# At most this many jobs are taken off the queue at once; the writes among them
+# share one transaction.
+MAX_GROUP = 256
+
+_READ, _WRITE, _CLOSE = 0, 1, 2
+
+
+class _Job:
+    """One call handed to the worker thread, and its outcome."""
+
+    __slots__ = ("error", "fn", "future", "kind", "loop", "value")
+
+    def __init__(
+        self,
+        kind: int,
+        fn: Callable[[sqlite3.Connection], Any] | None,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.kind = kind
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+def _settle(jobs: list[_Job]) -> None:
+    """On the event loop: resolve the futures of a finished batch (one callback per batch)."""
+    for job in jobs:
+        fut = job.future
+        if fut.done():  # cancelled by its caller
+            continue
+        if job.error is None:
+            fut.set_result(job.value)
+        else:
+            fut.set_exception(job.error)
+
 
 class SqliteTableStore(TableStore):
     """The table port on one SQLite file.
@@ -297,17 +338,54 @@ class SqliteTableStore(TableStore):
     lives on; on Cassandra ``a`` and the row live on but ``b`` still expires
     after 60 s. A service that always writes a row with the same TTL
     (sessions, codes, caches) sees the same behaviour on both backends.
+
+    Group commit: calls queue up for the worker thread, which takes every
+    queued call at once (at most :data:`MAX_GROUP`). The writes among them
+    (``put``, ``delete``, ``create_tables``) run in submission order in one
+    ``BEGIN IMMEDIATE ... COMMIT``, each in its own savepoint: a write that
+    raises is rolled back alone and fails alone, and a write sees the writes
+    queued before it (``IF NOT EXISTS``: the first wins). No write is
+    acknowledged before the COMMIT succeeded; if it fails, every write of the
+    group fails with :class:`TableError`. The reads of the batch run after the
+    COMMIT, outside any transaction, so a read never sees an uncommitted
+    write. The whole batch is answered with one callback on the event loop.
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-table")
+        self._queue: SimpleQueue[_Job] = SimpleQueue()
+        self._thread: threading.Thread | None = None  # started by the first call
         self._conn: sqlite3.Connection | None = None  # only touched on the worker thread
         self._closed = False
         self._last_cleanup: dict[str, float] = {}
-        self._lock = threading.Lock()  # guards _closed against a concurrent close
+        self._lock = threading.Lock()  # guards _closed and _thread against a concurrent close
+        # SQL text by statement shape (built on the event loop, read-only once stored).
+        self._sql: dict[tuple[Any, ...], tuple[str, str]] = {}
 
-    # -- plumbing -----------------------------------------------------------
+    # -- plumbing (event loop side) -------------------------------------------
+
+    async def _submit(self, kind: int, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise TableError("the table store is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="sqlite-table", daemon=True
+                )
+                self._thread.start()
+            self._queue.put(_Job(kind, fn, loop, fut))
+        return await fut
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._submit(_READ, fn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` inside a write transaction (shared with other queued writes)."""
+        return await self._submit(_WRITE, fn)
+
+    # -- plumbing (worker thread side) ----------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -323,30 +401,139 @@ class SqliteTableStore(TableStore):
             self._conn = conn
         return self._conn
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def job() -> T:
+    def _failure(self, exc: BaseException) -> BaseException:
+        """The exception a caller sees: SQLite errors become TableError."""
+        if isinstance(exc, sqlite3.Error):
+            err = TableError(f"sqlite {self.path}: {exc}")
+            err.__cause__ = exc
+            return err
+        return exc
+
+    def _serve(self) -> None:
+        """The worker thread: run batches of queued jobs until a close job."""
+        queue = self._queue
+        while True:
+            batch = [queue.get()]
+            while len(batch) < MAX_GROUP and batch[-1].kind != _CLOSE:
+                try:
+                    batch.append(queue.get_nowait())
+                except Empty:
+                    break
             try:
-                return fn(self._connection())
-            except sqlite3.Error as exc:
-                raise TableError(f"sqlite {self.path}: {exc}") from exc
+                self._run_batch(batch)
+            except BaseException as exc:  # a bug: fail the batch rather than hang its callers
+                for job in batch:
+                    job.error = TableError(f"sqlite {self.path}: internal error: {exc!r}")
+                if self._conn is not None:
+                    self._rollback(self._conn)
+            self._post(batch)
+            if batch[-1].kind == _CLOSE:
+                return
 
-        with self._lock:
-            if self._closed:
-                raise TableError("the table store is closed")
-            fut = self._executor.submit(job)
-        return await asyncio.wrap_future(fut)
+    def _run_batch(self, batch: list[_Job]) -> None:
+        # A job cancelled before it ran is skipped (as a cancelled executor job was).
+        live = [job for job in batch if not job.future.cancelled()]
+        writes = [job for job in live if job.kind == _WRITE]
+        if writes:
+            self._write_group(writes)
+        for job in live:
+            if job.kind == _READ and job.fn is not None:
+                try:
+                    job.value = job.fn(self._connection())
+                except Exception as exc:
+                    job.error = self._failure(exc)
+            elif job.kind == _CLOSE and self._conn is not None:
+                conn, self._conn = self._conn, None
+                try:
+                    conn.close()
+                except Exception as exc:
+                    job.error = self._failure(exc)
 
-    @staticmethod
-    def _write(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
-        conn.execute("BEGIN IMMEDIATE")
+    def _write_group(self, jobs: list[_Job]) -> None:
+        while jobs:
+            try:
+                conn = self._connection()
+            except Exception as exc:
+                for job in jobs:
+                    job.error = self._failure(exc)
+                return
+            jobs = self._write_transaction(conn, jobs)
+
+    def _write_transaction(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[_Job]:
+        """Run write jobs in one transaction, each in its own savepoint (unless alone).
+
+        Sets each job's outcome. Returns the jobs not run because the
+        transaction was lost midway (SQLite rolls a whole transaction back on
+        some errors, e.g. a full disk): the caller runs them in a new one.
+        """
         try:
-            out = fn()
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:
+            for job in jobs:
+                job.error = self._failure(exc)
+            return []
+        alone = len(jobs) == 1
+        done: list[_Job] = []
+        for i, job in enumerate(jobs):
+            fn = job.fn
+            assert fn is not None
+            try:
+                if alone:
+                    job.value = fn(conn)
+                else:
+                    conn.execute("SAVEPOINT job")
+                    job.value = fn(conn)
+                    conn.execute("RELEASE job")
+                done.append(job)
+                continue
+            except Exception as exc:
+                job.error = self._failure(exc)
+            if not alone and conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    continue  # only this job is undone
+                except sqlite3.Error:
+                    pass
+            # This job was alone, or the transaction is lost: nothing of it stays.
+            self._rollback(conn)
+            for other in done:
+                other.error = TableError(
+                    f"sqlite {self.path}: transaction rolled back after: {job.error}"
+                )
+            return jobs[i + 1 :]
+        try:
             conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return out
+        except Exception as exc:
+            self._rollback(conn)
+            for job in done:
+                job.error = self._failure(exc)
+        return []
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # The connection is in an unknown state: start over with a new one.
+            if self._conn is conn:
+                self._conn = None
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _post(self, batch: list[_Job]) -> None:
+        """Hand the outcomes to the event loop(s): one callback per loop and batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, jobs)
+            except RuntimeError:
+                pass  # the loop is closed: nobody awaits these any more
 
     def _maybe_cleanup(self, conn: sqlite3.Connection, table: Table, now: float) -> None:
         """Drop expired rows of a table at most once a minute (inside a write transaction)."""
@@ -368,47 +555,45 @@ class SqliteTableStore(TableStore):
             row[col] = v
         return row
 
+    def _cache_sql(
+        self, key: tuple[Any, ...], build: Callable[[], tuple[str, str]]
+    ) -> tuple[str, str]:
+        sql = self._sql.get(key)
+        if sql is None:
+            if len(self._sql) >= 4096:
+                self._sql.clear()
+            sql = self._sql[key] = build()
+        return sql
+
     # -- the port -----------------------------------------------------------
 
     async def create_tables(self, tables: Sequence[Table]) -> None:
         for t in tables:
             check_table_definition(t)
 
-        def job(conn: sqlite3.Connection) -> None:
-            def ddl() -> None:
-                for t in tables:
-                    for stmt in sqlite_create_table(t):
-                        conn.execute(stmt)
-                    info = conn.execute(f"PRAGMA table_info({_q(t.name)})").fetchall()
-                    have = {r[1]: r[5] for r in info}  # name -> position in the primary key
-                    pk = tuple(n for n, pos in sorted(have.items(), key=lambda x: x[1]) if pos)
-                    if pk != t.primary_key:
-                        raise TableError(
-                            f"{t.name}: existing primary key {pk} differs from {t.primary_key}"
+        def ddl(conn: sqlite3.Connection) -> None:
+            for t in tables:
+                for stmt in sqlite_create_table(t):
+                    conn.execute(stmt)
+                info = conn.execute(f"PRAGMA table_info({_q(t.name)})").fetchall()
+                have = {r[1]: r[5] for r in info}  # name -> position in the primary key
+                pk = tuple(n for n, pos in sorted(have.items(), key=lambda x: x[1]) if pos)
+                if pk != t.primary_key:
+                    raise TableError(
+                        f"{t.name}: existing primary key {pk} differs from {t.primary_key}"
+                    )
+                # New regular columns are added (as ALTER TABLE ... ADD on Cassandra).
+                for col in t.regular_columns:
+                    if col not in have:
+                        conn.execute(
+                            f"ALTER TABLE {_q(t.name)} ADD COLUMN"
+                            f" {_q(col)} {_SQLITE_TYPES[t.columns[col]]}"
                         )
-                    # New regular columns are added (as ALTER TABLE ... ADD on Cassandra).
-                    for col in t.regular_columns:
-                        if col not in have:
-                            conn.execute(
-                                f"ALTER TABLE {_q(t.name)} ADD COLUMN"
-                                f" {_q(col)} {_SQLITE_TYPES[t.columns[col]]}"
-                            )
 
-            self._write(conn, ddl)
+        await self._write(ddl)
 
-        await self._run(job)
-
-    async def put(
-        self,
-        table: Table,
-        row: Row,
-        *,
-        if_not_exists: bool = False,
-        ttl_seconds: int | None = None,
-    ) -> bool:
-        clean = check_row(table, row)
-        check_ttl(ttl_seconds)
-        cols = list(clean)
+    @staticmethod
+    def _put_sql(table: Table, cols: Sequence[str], if_not_exists: bool) -> tuple[str, str]:
         names = ", ".join([*(_q(c) for c in cols), _EXPIRES])
         marks = ", ".join(["?"] * (len(cols) + 1))
         conflict = ", ".join(_q(c) for c in table.primary_key)
@@ -422,36 +607,57 @@ class SqliteTableStore(TableStore):
             f"INSERT INTO {_q(table.name)} ({names}) VALUES ({marks})"
             f" ON CONFLICT ({conflict}) {action}"
         )
-        key_vals = tuple(clean[c] for c in table.primary_key)
         delete_expired = (
             f"DELETE FROM {_q(table.name)} WHERE {_where(table.primary_key)} AND {_EXPIRES} <= ?"
         )
+        return sql, delete_expired
 
-        def job(conn: sqlite3.Connection) -> bool:
-            def tx() -> bool:
-                now = time.time()
-                expires = now + ttl_seconds if ttl_seconds is not None else None
-                # An expired row is gone: its other columns must not come back.
-                conn.execute(delete_expired, (*key_vals, now))
-                cur = conn.execute(sql, (*(clean[c] for c in cols), expires))
-                self._maybe_cleanup(conn, table, now)
-                return cur.rowcount > 0
+    async def put(
+        self,
+        table: Table,
+        row: Row,
+        *,
+        if_not_exists: bool = False,
+        ttl_seconds: int | None = None,
+    ) -> bool:
+        clean = check_row(table, row)
+        check_ttl(ttl_seconds)
+        cols = tuple(clean)
+        sql, delete_expired = self._cache_sql(
+            ("put", table.name, table.primary_key, cols, if_not_exists),
+            lambda: self._put_sql(table, cols, if_not_exists),
+        )
+        key_vals = tuple(clean[c] for c in table.primary_key)
+        values = tuple(clean.values())
 
-            return self._write(conn, tx)
+        def tx(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            expires = now + ttl_seconds if ttl_seconds is not None else None
+            # An expired row is gone: its other columns must not come back.
+            conn.execute(delete_expired, (*key_vals, now))
+            cur = conn.execute(sql, (*values, expires))
+            self._maybe_cleanup(conn, table, now)
+            return cur.rowcount > 0
 
-        written = await self._run(job)
+        written = await self._write(tx)
         return written if if_not_exists else True
 
     async def get(self, table: Table, key: Mapping[str, Any]) -> Row | None:
         names, vals = check_key(table, key)
-        cols = ", ".join(_q(c) for c in table.columns)
-        sql = f"SELECT {cols} FROM {_q(table.name)} WHERE {_where(names)} AND {_LIVE}"
+        sql, _ = self._cache_sql(
+            ("get", table.name, tuple(table.columns), names),
+            lambda: (
+                f"SELECT {', '.join(_q(c) for c in table.columns)} FROM {_q(table.name)}"
+                f" WHERE {_where(names)} AND {_LIVE}",
+                "",
+            ),
+        )
 
         def job(conn: sqlite3.Connection) -> Row | None:
             found = conn.execute(sql, (*vals, time.time())).fetchone()
             return None if found is None else self._to_row(table, found)
 
-        return await self._run(job)
+        return await self._read(job)
 
     async def slice(
         self,
@@ -487,34 +693,31 @@ class SqliteTableStore(TableStore):
             args.append(plan.limit + 1)
             return [self._to_row(table, r) for r in conn.execute(sql, args).fetchall()]
 
-        rows = await self._run(job)
+        rows = await self._read(job)
         return finish_page(table, rows, plan.limit)
 
     async def delete(self, table: Table, key: Mapping[str, Any]) -> None:
         names, vals = check_key(table, key, allow_partition=True)
         sql = f"DELETE FROM {_q(table.name)} WHERE {_where(names)}"
 
-        def job(conn: sqlite3.Connection) -> None:
-            self._write(conn, lambda: conn.execute(sql, vals))
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, vals)
 
-        await self._run(job)
+        await self._write(tx)
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
-
-            def job() -> None:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
-
-            fut = self._executor.submit(job)
             self._closed = True
-        try:
-            await asyncio.wrap_future(fut)
-        finally:
-            self._executor.shutdown(wait=False)
+            if self._thread is None:
+                return  # never used: no thread, no connection
+            # The last job: the worker runs what was queued before it, then closes
+            # the connection and ends.
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            self._queue.put(_Job(_CLOSE, None, loop, fut))
+        await fut

@@ -7,9 +7,10 @@ suite also runs against one shared Cassandra keyspace.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from servers.storage.table import (
     InvalidPageToken,
     Page,
     Table,
+    TableError,
     TableStore,
 )
 
@@ -194,6 +196,64 @@ async def test_if_not_exists_on_clustered_table(store: TableStore) -> None:
     assert await store.put(TYPES, {"pk": pk, "ck": 2, "t": "b"}, if_not_exists=True)
     assert not await store.put(TYPES, {"pk": pk, "ck": 1, "t": "c"}, if_not_exists=True)
     assert [r["t"] for r in (await store.slice(TYPES, {"pk": pk})).rows] == ["a", "b"]
+
+
+# A table that no test creates: writing to it fails in the backend (not in the argument checks).
+NOT_CREATED = Table(name="ct_not_created", partition_key=("k",), columns={"k": "text"})
+
+
+async def test_concurrent_puts_resolve_one_by_one(store: TableStore) -> None:
+    """200 concurrent puts (as a batching adapter groups them): each resolves on its own.
+
+    Unconditional upserts and IF NOT EXISTS on distinct keys, IF NOT EXISTS
+    contending on a few keys, and in the middle a put refused by the argument
+    checks and one failing in the backend: exactly one winner per contended
+    key, the two bad writes fail alone, every other write is stored.
+    """
+    p = uid()
+    calls: list[tuple[str, str, str]] = []  # (kind, key, value)
+    calls += [("plain", f"{p}-u{i}", f"u{i}") for i in range(48)]
+    calls += [("ine", f"{p}-d{i}", f"d{i}") for i in range(100)]
+    calls += [("ine", f"{p}-c{i % 10}", f"c{i % 10}-{i}") for i in range(50)]
+    random.Random(7).shuffle(calls)
+    calls.insert(99, ("invalid", f"{p}-bad", "wrong type"))
+    calls.insert(101, ("backend", f"{p}-ghost", ""))
+    assert len(calls) == 200
+
+    def call(kind: str, k: str, v: str) -> Awaitable[bool]:
+        if kind == "plain":
+            return store.put(KV, {"k": k, "v": v, "n": 1})
+        if kind == "ine":
+            return store.put(KV, {"k": k, "v": v}, if_not_exists=True)
+        if kind == "invalid":
+            return store.put(KV, {"k": k, "v": v, "n": "not an int"}, if_not_exists=True)
+        return store.put(NOT_CREATED, {"k": k})
+
+    results = await asyncio.gather(*(call(*c) for c in calls), return_exceptions=True)
+
+    winners: dict[str, list[str]] = {}
+    for (kind, k, v), r in zip(calls, results, strict=True):
+        if kind == "invalid":
+            assert isinstance(r, ValueError), r
+        elif kind == "backend":
+            assert isinstance(r, TableError), r
+        elif k.startswith(f"{p}-c"):
+            assert isinstance(r, bool), r
+            if r:
+                winners.setdefault(k, []).append(v)
+        else:
+            assert r is True, (kind, k, r)
+    assert sorted(winners) == sorted(f"{p}-c{i}" for i in range(10))
+    assert all(len(w) == 1 for w in winners.values()), winners
+
+    for k, [v] in winners.items():
+        assert await store.get(KV, {"k": k}) == {"k": k, "v": v, "n": None}
+    for kind, k, v in calls:
+        if kind == "plain":
+            assert await store.get(KV, {"k": k}) == {"k": k, "v": v, "n": 1}
+        elif kind == "ine" and k.startswith(f"{p}-d"):
+            assert await store.get(KV, {"k": k}) == {"k": k, "v": v, "n": None}
+    assert await store.get(KV, {"k": f"{p}-bad"}) is None
 
 
 # --- TTL -------------------------------------------------------------------------
