@@ -58,7 +58,17 @@ def client_ip(request: web.Request, trusted_proxies: frozenset[str]) -> str:
 def build_app(rt: Runtime) -> web.Application:
     links = ShortenerCore(rt)
     pastes = PasteCore(rt)
-    counter = HTTP_REQUESTS
+    class _Counter:  # label children cached: the redirect path runs this on every request
+        def __init__(self) -> None:
+            self._children: dict[tuple[str, str], Any] = {}
+
+        def labels(self, route: str, status: str) -> Any:
+            child = self._children.get((route, status))
+            if child is None:
+                child = self._children[(route, status)] = HTTP_REQUESTS.labels(route, status)
+            return child
+
+    counter = _Counter()
     trusted = frozenset(rt.config.trusted_proxies)
 
     async def redirect(request: web.Request) -> web.StreamResponse:

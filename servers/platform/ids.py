@@ -343,6 +343,7 @@ class WorkerLease:
         self.ttl_seconds = ttl_seconds
         self.lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def __repr__(self) -> str:
         return f"WorkerLease(worker_id={self.worker_id}, key={self.key!r})"
@@ -370,16 +371,23 @@ class WorkerLease:
         two missed refreshes.
         """
         interval = self.ttl_seconds / 3
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
+            if self._stopping:
+                return
+            ok: bool | None = None
             try:
                 ok = await self.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("worker_lease_refresh_failed", worker_id=self.worker_id, error=str(exc))
-                continue
-            if not ok:
+            task = asyncio.current_task()
+            if self._stopping or (task is not None and task.cancelling()):
+                # Python 3.11's wait_for (inside redis-py) can swallow a cancel
+                # that lands as the call completes: stop anyway.
+                return
+            if ok is False:
                 log.error("worker_lease_lost", worker_id=self.worker_id, key=self.key)
                 if on_lost is not None:
                     result = on_lost(self)
@@ -392,6 +400,7 @@ class WorkerLease:
     ) -> asyncio.Task[None]:
         """Run ``refresh_forever`` as a task (idempotent); ``release()`` stops it."""
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.create_task(
                 self.refresh_forever(on_lost), name=f"worker-lease-{self.worker_id}"
             )
@@ -399,6 +408,7 @@ class WorkerLease:
 
     async def stop_refreshing(self) -> None:
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -415,7 +425,9 @@ class WorkerLease:
 async def lease_worker_id(
     redis: Any, *, prefix: str = "sysdesign", ttl_seconds: int = 60
 ) -> WorkerLease:
-    """Claim a free worker id in [0, 1024) with ``SET <prefix>:worker:<n> <token> NX EX ttl``.
+    """Claim a free worker id in [0, 1023) with ``SET <prefix>:worker:<n> <token> NX EX ttl``.
+
+    Id 1023 (``TOOL_WORKER_ID``) is never leased: it is kept for CLI tools.
 
     Probing starts at a random id so that processes starting together do not
     race for the same keys. Each key is on its own (no multi-key command), so

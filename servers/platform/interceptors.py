@@ -211,7 +211,10 @@ class PlatformInterceptor:
                     raise err
                 if isinstance(request, _Undecodable):
                     raise _undecodable(request)
-                async with asyncio.timeout(self._timeout(context)):
+                timeout = self._timeout(context)
+                if timeout is None:
+                    return await behavior(request, context)
+                async with asyncio.timeout(timeout):
                     return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]

@@ -98,8 +98,16 @@ def referrer_host(referrer: str) -> str:
     return (host or "(other)")[:255]
 
 
+_DAY_MS = 86_400_000
+_day_cache: tuple[int, str] = (-1, "")
+
+
 def utc_day(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
+    global _day_cache
+    day = ms // _DAY_MS
+    if _day_cache[0] != day:
+        _day_cache = (day, datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%d"))
+    return _day_cache[1]
 
 
 class ShortenerCore:

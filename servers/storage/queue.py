@@ -98,6 +98,18 @@ def _entries_of_read(resp: Any) -> list[tuple[Any, Any]]:
     return list(resp[0][1])
 
 
+def _cancel_requested() -> bool:
+    """True when the current task has a cancellation pending that was swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (used inside redis-py when a socket
+    timeout is set) drops a cancellation that arrives as the inner call
+    completes: the Redis call returns normally and the task carries on. Loops
+    check this so that a cancelled worker still stops.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _error_text(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 2000 else text[:2000] + "…"
@@ -185,7 +197,8 @@ class JobQueue:
             raise ValueError("concurrency and batch must be at least 1")
         await self.ensure_group()
         inflight: dict[str, asyncio.Task[None]] = {}
-        heartbeat = asyncio.create_task(self._heartbeat(consumer, inflight, stop))
+        heartbeat_done = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(consumer, inflight, heartbeat_done))
         stop_wait = asyncio.create_task(stop.wait())
         cursor = "0-0"
         scan_every = max(self.claim_idle_ms / 2000, 0.01)  # seconds
@@ -194,6 +207,8 @@ class JobQueue:
         cancelled = False
         try:
             while not stop.is_set():
+                if _cancel_requested():
+                    raise asyncio.CancelledError
                 free = concurrency - len(inflight)
                 if free <= 0:
                     await asyncio.wait(
@@ -252,9 +267,10 @@ class JobQueue:
                     t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            # Stopped by a flag, not by cancel(): a cancel can be swallowed (see
+            # _cancel_requested) and the heartbeat would then run forever.
+            heartbeat_done.set()
+            await heartbeat
 
     async def _read_new(self, consumer: str, count: int, block: int | None) -> list[Job]:
         resp = await self.redis.xreadgroup(
@@ -314,19 +330,25 @@ class JobQueue:
         return jobs, next_cursor
 
     async def _heartbeat(
-        self, consumer: str, inflight: Mapping[str, asyncio.Task[None]], stop: asyncio.Event
+        self, consumer: str, inflight: Mapping[str, asyncio.Task[None]], done: asyncio.Event
     ) -> None:
-        """Keep running jobs' idle time low so no other consumer reclaims them."""
+        """Keep running jobs' idle time low so no other consumer reclaims them.
+
+        XCLAIM with JUSTID resets the idle time without counting a delivery.
+        If this process stalled for longer than claim_idle_ms and another
+        consumer already reclaimed a job, this takes it back; both copies run
+        to completion, which at-least-once delivery allows.
+        """
         interval = max(self.claim_idle_ms / 3000, 0.01)
-        while True:
-            await asyncio.sleep(interval)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await done.wait()
             ids = list(inflight)
-            if not ids:
+            if done.is_set() or not ids:
                 continue
             try:
                 await self.redis.xclaim(self.stream, self.group, consumer, 0, ids, justid=True)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.warning("queue_heartbeat_failed", stream=self.stream, error=str(exc))
 

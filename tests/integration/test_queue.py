@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from servers.platform.ids import LEASABLE_WORKER_IDS, TOOL_WORKER_ID, WorkerIdsExhausted, lease_worker_id
+from servers.platform.ids import (
+    LEASABLE_WORKER_IDS,
+    TOOL_WORKER_ID,
+    WorkerIdsExhausted,
+    lease_worker_id,
+)
 from servers.storage.queue import Job, JobQueue
 from servers.storage.redis_conn import connect, key
 
@@ -44,12 +49,7 @@ async def wait_for(cond: Callable[[], Awaitable[bool] | bool], deadline_s: float
 
 async def stop_and_join(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
     stop.set()
-    done, pending = await asyncio.wait(tasks, timeout=30)
-    for t in pending:
-        t.print_stack()
-        for o in asyncio.all_tasks():
-            o.print_stack()
-    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
 
 # --------------------------------------------------------------------------- queue
@@ -198,6 +198,34 @@ async def test_long_job_is_not_stolen_from_a_live_consumer(r: aioredis.Redis) ->
     await wait_for(lambda: _depth_is(q, pending=0, length=0))
     await stop_and_join(stop, a, b)
     assert runs == [("A", 1)]
+
+
+async def test_cancelled_consumer_leaves_its_job_for_another(r: aioredis.Redis) -> None:
+    q = JobQueue(r, stream_name(), "workers", claim_idle_ms=200)
+    jid = await q.enqueue({"task": "slow"})
+    started = asyncio.Event()
+
+    async def hang(job: Job) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    stop = asyncio.Event()
+    a = asyncio.create_task(q.run("A", hang, stop=stop, block_ms=50))
+    await asyncio.wait_for(started.wait(), 30)
+    a.cancel()
+    await asyncio.wait([a], timeout=30)
+    assert a.cancelled()
+    assert (await q.depth())["pending"] == 1  # not acked, not lost
+
+    seen: list[Job] = []
+
+    async def ok(job: Job) -> None:
+        seen.append(job)
+
+    b = asyncio.create_task(q.run("B", ok, stop=stop, block_ms=50))
+    await wait_for(lambda: _depth_is(q, pending=0, length=0))
+    await stop_and_join(stop, b)
+    assert [(j.id, j.attempts) for j in seen] == [(jid, 2)]
 
 
 async def test_concurrent_consumers_process_each_job_once(r: aioredis.Redis) -> None:
