@@ -56,7 +56,7 @@ def client_ip(request: web.Request, trusted_proxies: frozenset[str]) -> str:
 
 
 def build_app(rt: Runtime) -> web.Application:
-    links = ShortenerCore(rt)
+    links = ShortenerCore.for_runtime(rt)
     pastes = PasteCore(rt)
     class _Counter:  # label children cached: the redirect path runs this on every request
         def __init__(self) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -23,6 +24,7 @@ from servers.storage.blob import BlobStore
 from servers.storage.table import Table, TableStore
 
 log = structlog.get_logger("sysdesign.runtime")
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,6 +38,16 @@ class Runtime:
     embedded_valkey: redis_conn.EmbeddedValkey | None = None
     worker_lease: WorkerLease | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    # Per-process singletons shared by the servicers, the edge and the workers
+    # (e.g. one ShortenerCore, so its caches and counters are shared), and what
+    # must run before the backends close (flushing buffers).
+    shared: dict[str, Any] = field(default_factory=dict)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def singleton(self, name: str, factory: Callable[[], T]) -> T:
+        if name not in self.shared:
+            self.shared[name] = factory()
+        return self.shared[name]  # type: ignore[no-any-return]
 
     @classmethod
     async def open(cls, config: Config, *, tables: list[Table], start_embedded: bool = True) -> Runtime:
@@ -76,6 +88,11 @@ class Runtime:
         return rt
 
     async def close(self) -> None:
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception as exc:
+                log.warning("closer_failed", error=repr(exc))
         for t in self.background:
             t.cancel()
         for t in self.background:

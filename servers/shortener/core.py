@@ -34,6 +34,7 @@ from servers.platform.metrics import CACHE_LOOKUPS
 from servers.platform.runtime import Runtime
 from servers.shortener import validation as val
 from servers.shortener.codes import CodeAllocator
+from servers.shortener.nearcache import CachedLink, NearCache
 from servers.shortener.tables import SHORT_URLS, SHORT_URLS_BY_OWNER
 from servers.storage.redis_conn import key
 from servers.storage.table import InvalidPageToken
@@ -111,6 +112,11 @@ def utc_day(ms: int) -> str:
 
 
 class ShortenerCore:
+    @classmethod
+    def for_runtime(cls, rt: Runtime) -> ShortenerCore:
+        """The process's one instance: the servicer and the edge share its caches."""
+        return rt.singleton("shortener.core", lambda: cls(rt))
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.redis = rt.redis
@@ -118,6 +124,8 @@ class ShortenerCore:
         self.codes = CodeAllocator(rt.redis, rt.tables, counter="shorturl", secret=rt.config.secret())
         self._resolve = rt.redis.register_script(_RESOLVE_LUA)
         self.cache_ttl = rt.config.cache_ttl_seconds
+        self.near = NearCache(rt.redis)
+        rt.closers.append(self.near.close)
         self.edge_base = rt.config.edge_base_url
 
     # -- create ------------------------------------------------------------
@@ -181,9 +189,19 @@ class ShortenerCore:
         v = Violations()
         val.check_code(code, v)
         v.raise_if_any()
-        keys = link_keys(code)
         now = int(time.time() * 1000)
         visitor = hashlib.blake2b(f"{client_ip}|{user_agent}".encode(), digest_size=12).hexdigest()
+        near = self.near.get(code)
+        if near is not None:
+            CACHE_LOOKUPS.labels("shorturl_near", "hit").inc()
+            if near.expire_ms and now >= near.expire_ms:
+                raise FailedPrecondition(f"the short URL {code!r} has expired",
+                                         reason="SHORT_URL_EXPIRED", subject=f"shorturls/{code}")
+            n = (self.near.count(code, near, visitor, utc_day(now), referrer_host(referrer))
+                 if count else near.visits)
+            return Resolved(near.long_url, near.redirect_type, n, near.expire_ms, 0)
+        generation = self.near.generation
+        keys = link_keys(code)
         args = [visitor, utc_day(now), referrer_host(referrer), now, 1 if count else 0]
         res = await self._resolve(keys=keys, args=args)
         if res[0] == 0:
@@ -209,6 +227,8 @@ class ShortenerCore:
         if status == 3:
             raise FailedPrecondition(f"the short URL {code!r} has reached its {maxv} visits",
                                      reason="SHORT_URL_VISITS_EXHAUSTED", subject=f"shorturls/{code}")
+        if not maxv:  # links with a visit limit are counted in Redis every time
+            self.near.put(code, CachedLink(url, redirect, exp, int(res[2]), time.monotonic()), generation)
         return Resolved(url, redirect, int(res[2]), exp, maxv)
 
     # -- owner operations ----------------------------------------------------
@@ -233,6 +253,7 @@ class ShortenerCore:
         pipe.set(keys[0], TOMBSTONE, ex=max(self.cache_ttl, NEGATIVE_TTL_SECONDS))
         pipe.delete(*keys[1:])
         await pipe.execute()
+        await self.near.invalidate(code)
 
     async def list(self, owner_id: int, page_size: int, page_token: str) -> tuple[list[dict[str, Any]], str]:
         v = Violations()
@@ -254,6 +275,7 @@ class ShortenerCore:
             v.add("top_referrers", "must be 0-100 (0 means the default of 10)")
         v.raise_if_any()
         row = await self.get_owned(code, owner_id)
+        await self.near.flush()  # this process's buffered clicks first
         days = days or 30
         top = top or 10
         keys = link_keys(code)

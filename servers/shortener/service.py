@@ -157,7 +157,7 @@ class PasteServicer(pb_grpc.PasteServiceServicer):
 
 
 def register(server: grpc.aio.Server, rt: Runtime) -> list[str]:
-    pb_grpc.add_ShortenerServiceServicer_to_server(ShortenerServicer(rt, ShortenerCore(rt)), server)
+    pb_grpc.add_ShortenerServiceServicer_to_server(ShortenerServicer(rt, ShortenerCore.for_runtime(rt)), server)
     pb_grpc.add_PasteServiceServicer_to_server(PasteServicer(rt, PasteCore(rt)), server)
     return [SHORTENER_SERVICE, PASTE_SERVICE]
 

@@ -1,0 +1,195 @@
+"""The hot path of a redirect: a small in-process cache in front of Redis, and
+clicks counted in batches.
+
+A popular link is resolved thousands of times a second. Asking Redis each
+time costs a round trip per click; instead each process keeps the links it
+served recently (at most ``ttl`` seconds, ``max_entries`` links) and counts
+their clicks locally, flushing the counts to Redis every ``flush_interval``
+seconds in one pipeline: INCRBY on the total, PFADD of the visitors,
+HINCRBY of the day, ZINCRBY of the referrers — the same keys the resolve
+script writes.
+
+What stays exact:
+
+- links with a visit limit are never cached here: their limit is checked and
+  their click counted atomically in Redis, every time;
+- expiry is checked on every hit (the expiry time is cached with the link);
+- a delete drops the link from this process at once and publishes the code
+  on a Redis channel that every process listens to; a process that loses its
+  subscription empties its cache when it resubscribes, and ``ttl`` bounds how
+  long any missed message could matter.
+
+What is approximate: ``visit_count`` of a cached hit is the count seen when
+the link was cached plus this process's clicks since, and clicks of the last
+``flush_interval`` are lost if the process is killed (a graceful stop flushes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from servers.storage.redis_conn import key
+
+log = structlog.get_logger("sysdesign.shortener.nearcache")
+
+INVALIDATION_CHANNEL = "sysdesign:shortener:invalidate"
+
+
+@dataclass
+class CachedLink:
+    long_url: str
+    redirect_type: int
+    expire_ms: int
+    visits: int  # as counted in Redis when cached, plus this process's clicks since
+    cached_at: float
+
+
+@dataclass
+class _Clicks:
+    count: int = 0
+    visitors: set[str] = field(default_factory=set)
+    days: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    referrers: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class NearCache:
+    def __init__(self, redis: Any, *, ttl: float = 10.0, max_entries: int = 100_000,
+                 flush_interval: float = 0.05) -> None:
+        self.redis = redis
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.flush_interval = flush_interval
+        self._links: OrderedDict[str, CachedLink] = OrderedDict()
+        self._clicks: dict[str, _Clicks] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._flush_lock = asyncio.Lock()
+        # Bumped by every invalidation: a link read from Redis before an
+        # invalidation must not be cached after it.
+        self.generation = 0
+
+    # -- links -----------------------------------------------------------
+
+    def get(self, code: str) -> CachedLink | None:
+        link = self._links.get(code)
+        if link is None:
+            return None
+        if time.monotonic() - link.cached_at > self.ttl:
+            del self._links[code]
+            return None
+        return link
+
+    def put(self, code: str, link: CachedLink, generation: int) -> None:
+        self._ensure_listener()
+        if generation != self.generation:
+            return
+        self._links[code] = link
+        self._links.move_to_end(code)
+        while len(self._links) > self.max_entries:
+            self._links.popitem(last=False)
+
+    def drop(self, code: str) -> None:
+        self.generation += 1
+        self._links.pop(code, None)
+        self._clicks.pop(code, None)
+
+    async def invalidate(self, code: str) -> None:
+        """Drop a link here and in every other process."""
+        self.drop(code)
+        await self.redis.publish(INVALIDATION_CHANNEL, code)
+
+    # -- clicks ----------------------------------------------------------
+
+    def count(self, code: str, link: CachedLink, visitor: str, day: str, referrer: str) -> int:
+        c = self._clicks.get(code)
+        if c is None:
+            c = self._clicks[code] = _Clicks()
+        c.count += 1
+        c.visitors.add(visitor)
+        c.days[day] += 1
+        c.referrers[referrer] += 1
+        link.visits += 1
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_soon())
+        return link.visits
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self.flush_interval)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the buffered clicks to Redis (one pipeline)."""
+        async with self._flush_lock:
+            clicks, self._clicks = self._clicks, {}
+            if not clicks:
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            for code, c in clicks.items():
+                tag = f"l:{code}"
+                pipe.incrby(key(tag, "visits"), c.count)
+                pipe.pfadd(key(tag, "uv"), *c.visitors)
+                for day, n in c.days.items():
+                    pipe.hincrby(key(tag, "daily"), day, n)
+                for ref, n in c.referrers.items():
+                    pipe.zincrby(key(tag, "refs"), n, ref)
+            try:
+                await pipe.execute()
+            except Exception as exc:  # Redis away: keep the clicks for the next flush
+                log.warning("click_flush_failed", error=repr(exc), codes=len(clicks))
+                for code, c in clicks.items():
+                    mine = self._clicks.setdefault(code, _Clicks())
+                    mine.count += c.count
+                    mine.visitors |= c.visitors
+                    for day, n in c.days.items():
+                        mine.days[day] += n
+                    for ref, n in c.referrers.items():
+                        mine.referrers[ref] += n
+
+    # -- invalidation across processes -------------------------------------
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None and not self._stopping:
+            self._listener = asyncio.ensure_future(self._listen())
+
+    async def _listen(self) -> None:
+        while not self._stopping:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(INVALIDATION_CHANNEL)
+                # Whatever was published while we were not listening is unknown: start clean.
+                self._clear()
+                while not self._stopping:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg and msg.get("type") == "message":
+                        self.drop(msg["data"].decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("invalidation_listener_failed", error=repr(exc))
+                self._clear()
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _clear(self) -> None:
+        self.generation += 1
+        self._links.clear()
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        with contextlib.suppress(Exception):
+            await self.flush()
+        if self._listener is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._listener, timeout=3)
