@@ -174,11 +174,9 @@ class ShortenerCore:
         except BaseException:
             await self.tables.delete(SHORT_URLS, {"code": row["code"]})
             raise
-        keys = link_keys(row["code"])
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(keys[0], encode_cached(row), ex=self.cache_ttl)
-        pipe.delete(*keys[1:])  # a re-created alias starts with fresh analytics
-        await pipe.execute()
+        # Overwrites a negative entry or a delete's tombstone. A re-created alias
+        # starts with fresh analytics: delete removed the old counters.
+        await self.redis.set(link_keys(row["code"])[0], encode_cached(row), ex=self.cache_ttl)
         return row
 
     # -- resolve -----------------------------------------------------------
