@@ -19,7 +19,9 @@ call, in order:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -42,8 +44,15 @@ log = structlog.get_logger("sysdesign.rpc")
 
 
 
+_RID_PREFIX = os.urandom(5).hex()
+# A caller's request id is kept to characters that need no escaping anywhere (logs, trailers).
+_RID_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
+_rid_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    """Unique without a system call per request: a random per-process prefix and a counter."""
+    return f"{_RID_PREFIX}{next(_rid_counter):06x}"
 
 
 async def _abort(context: grpc.aio.ServicerContext, status: Any, rid: str) -> None:
@@ -153,7 +162,7 @@ class PlatformInterceptor:
         rid = ""
         for k, v in metadata or ():
             if k == "x-request-id":
-                rid = (v.decode() if isinstance(v, bytes) else v)[:64]
+                rid = _RID_UNSAFE.sub("", v.decode() if isinstance(v, bytes) else v)[:64]
                 break
         rid = rid or new_request_id()
         token = auth.bearer_from_metadata(metadata)
@@ -174,7 +183,7 @@ class PlatformInterceptor:
         return rid, caller, err
 
     def _finish(self, method: str, rid: str, caller: auth.Caller | None, code: grpc.StatusCode,
-                started: float, error: str | None = None) -> None:
+                started: float) -> None:
         elapsed = time.perf_counter() - started
         counter = self._requests.get((method, code))
         if counter is None:
@@ -184,14 +193,8 @@ class PlatformInterceptor:
         if hist is None:
             hist = self._latency[method] = GRPC_LATENCY.labels(method)
         hist.observe(elapsed)
-        if self._access_log or code not in (grpc.StatusCode.OK,):
-            fields: dict[str, Any] = {"method": method, "code": code.name,
-                                      "ms": round(elapsed * 1000, 3), "request_id": rid}
-            if caller is not None:
-                fields["user_id"] = str(caller.user_id)
-            if error:
-                fields["error"] = error
-            access_log(fields)
+        if self._access_log or code is not grpc.StatusCode.OK:
+            access_log(method, code.name, elapsed, rid, caller.user_id if caller is not None else None)
 
     @staticmethod
     def _timeout(context: grpc.aio.ServicerContext) -> float | None:

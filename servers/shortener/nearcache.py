@@ -28,18 +28,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from redis.exceptions import NoScriptError
 
 from servers.storage.redis_conn import key
 
 log = structlog.get_logger("sysdesign.shortener.nearcache")
 
 INVALIDATION_CHANNEL = "sysdesign:shortener:invalidate"
+
+# KEYS: visits, uv, daily, refs (one link's, one hash tag).
+# ARGV: count, ndays, (day, n)*ndays, nrefs, (referrer, n)*nrefs, visitor...
+_ADD_CLICKS_LUA = """
+redis.call('INCRBY', KEYS[1], ARGV[1])
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local nrefs = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, nrefs do
+  redis.call('ZINCRBY', KEYS[4], ARGV[i + 1], ARGV[i])
+  i = i + 2
+end
+while i <= #ARGV do
+  local last = math.min(i + 999, #ARGV)
+  redis.call('PFADD', KEYS[2], unpack(ARGV, i, last))
+  i = last + 1
+end
+return 1
+"""
+ADD_CLICKS_SHA = hashlib.sha1(_ADD_CLICKS_LUA.encode()).hexdigest()
 
 
 @dataclass
@@ -75,6 +101,7 @@ class NearCache:
         # Bumped by every invalidation: a link read from Redis before an
         # invalidation must not be cached after it.
         self.generation = 0
+        self._add_sha = ADD_CLICKS_SHA
 
     # -- links -----------------------------------------------------------
 
@@ -126,32 +153,50 @@ class NearCache:
         await self.flush()
 
     async def flush(self) -> None:
-        """Write the buffered clicks to Redis (one pipeline)."""
+        """Write the buffered clicks to Redis: one script call per link, in one pipeline."""
         async with self._flush_lock:
             clicks, self._clicks = self._clicks, {}
             if not clicks:
                 return
-            pipe = self.redis.pipeline(transaction=False)
-            for code, c in clicks.items():
-                tag = f"l:{code}"
-                pipe.incrby(key(tag, "visits"), c.count)
-                pipe.pfadd(key(tag, "uv"), *c.visitors)
-                for day, n in c.days.items():
-                    pipe.hincrby(key(tag, "daily"), day, n)
-                for ref, n in c.referrers.items():
-                    pipe.zincrby(key(tag, "refs"), n, ref)
+            unwritten: dict[str, Exception | None] = dict.fromkeys(clicks)
             try:
-                await pipe.execute()
-            except Exception as exc:  # Redis away: keep the clicks for the next flush
-                log.warning("click_flush_failed", error=repr(exc), codes=len(clicks))
-                for code, c in clicks.items():
-                    mine = self._clicks.setdefault(code, _Clicks())
-                    mine.count += c.count
-                    mine.visitors |= c.visitors
-                    for day, n in c.days.items():
-                        mine.days[day] += n
-                    for ref, n in c.referrers.items():
-                        mine.referrers[ref] += n
+                unwritten = dict(await self._send(clicks))
+                if any(isinstance(r, NoScriptError) for r in unwritten.values()):  # Redis restarted
+                    await self.redis.script_load(_ADD_CLICKS_LUA)
+                    unwritten = dict(await self._send({code: clicks[code] for code in unwritten}))
+                for error in unwritten.values():
+                    raise error or RuntimeError("click flush failed")
+            except Exception as exc:  # Redis away: keep what was not written for the next flush
+                log.warning("click_flush_failed", error=repr(exc), codes=len(unwritten))
+                self._requeue({code: clicks[code] for code in unwritten})
+
+    async def _send(self, clicks: dict[str, _Clicks]) -> dict[str, Exception]:
+        """Send, and return the links whose call failed (a script call is all or nothing)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for code, c in clicks.items():
+            tag = f"l:{code}"
+            args: list[Any] = [c.count, len(c.days)]
+            for day, n in c.days.items():
+                args += (day, n)
+            args.append(len(c.referrers))
+            for ref, n in c.referrers.items():
+                args += (ref, n)
+            args += c.visitors
+            # one call per link: its keys share a hash tag (Redis Cluster-safe)
+            pipe.evalsha(self._add_sha, 4, key(tag, "visits"), key(tag, "uv"),
+                         key(tag, "daily"), key(tag, "refs"), *args)
+        results = await pipe.execute(raise_on_error=False)
+        return {code: r for code, r in zip(clicks, results, strict=True) if isinstance(r, Exception)}
+
+    def _requeue(self, clicks: dict[str, _Clicks]) -> None:
+        for code, c in clicks.items():
+            mine = self._clicks.setdefault(code, _Clicks())
+            mine.count += c.count
+            mine.visitors |= c.visitors
+            for day, n in c.days.items():
+                mine.days[day] += n
+            for ref, n in c.referrers.items():
+                mine.referrers[ref] += n
 
     # -- invalidation across processes -------------------------------------
 

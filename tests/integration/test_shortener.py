@@ -299,3 +299,19 @@ def test_short_url_get_by_owner(stub: pbg.ShortenerServiceStub, alice: str) -> N
     got = stub.GetShortUrl(pb.GetShortUrlRequest(code=link.code), metadata=grpc_metadata(alice)).short_url
     assert got == link
     assert got.max_visits == 9 and got.redirect_type == pb.REDIRECT_TYPE_PERMANENT
+
+
+def test_buffered_clicks_survive_a_script_flush(stub: pbg.ShortenerServiceStub, alice: str,
+                                                stack: StackProcess) -> None:
+    """Clicks of cached links are written by a Lua script; a Redis that lost its scripts reloads it."""
+    import redis
+
+    link = create(stub, alice)
+    stub.ResolveShortUrl(pb.ResolveShortUrlRequest(code=link.code))  # miss: counted in Redis, now cached
+    r = redis.Redis.from_url((stack.data_dir / "valkey" / "url").read_text().strip())
+    r.script_flush()
+    for _ in range(9):  # cached hits: buffered, flushed in batches
+        stub.ResolveShortUrl(pb.ResolveShortUrlRequest(code=link.code, referrer="https://t.co/x"))
+    s = stub.GetShortUrlStats(pb.GetShortUrlStatsRequest(code=link.code), metadata=grpc_metadata(alice))
+    assert s.total_clicks == 10
+    assert {x.referrer: x.clicks for x in s.top_referrers} == {"t.co": 9, "(direct)": 1}
