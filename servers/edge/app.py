@@ -14,6 +14,7 @@ hop.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 from email.utils import formatdate
@@ -30,6 +31,10 @@ from servers.shortener.core import REDIRECT_PERMANENT, ShortenerCore
 from servers.shortener.paste import PasteCore
 
 log = structlog.get_logger("sysdesign.edge")
+
+# A request whose backends do not answer in this time gets a 503.
+EDGE_TIMEOUT_SECONDS = 10.0
+_EDGE_UNAVAILABLE: tuple[type[BaseException], ...] = (TimeoutError, *BACKEND_ERRORS)
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{status} {title}</title>
@@ -152,8 +157,9 @@ def build_app(rt: Runtime) -> web.Application:
     @web.middleware
     async def backend_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            return await handler(request)
-        except BACKEND_ERRORS as exc:
+            async with asyncio.timeout(EDGE_TIMEOUT_SECONDS):
+                return await handler(request)
+        except _EDGE_UNAVAILABLE as exc:
             log.warning("backend_unavailable", path=request.path, error=repr(exc))
             counter.labels("error", "503").inc()
             resp = page(503, "Service Unavailable", "A backend is unavailable; try again shortly.")

@@ -9,8 +9,9 @@ call, in order:
 2. authentication: a valid ``authorization: Bearer`` token sets the caller;
    a missing token is refused with UNAUTHENTICATED unless the method is public;
    a present but bad or expired token is refused on every method;
-3. deadlines: the handler runs under ``asyncio.timeout(time_remaining)``, so
-   every downstream await (Redis, tables, blobs) is bounded by the caller's deadline;
+3. deadlines: the handler runs under ``asyncio.timeout(time_remaining)`` (30 s
+   when the caller set none), so every downstream await (Redis, tables, blobs)
+   is bounded by the caller's deadline;
 4. errors: a ServiceError becomes its rich status; anything else is a bug,
    logged with its traceback and answered INTERNAL with the request id;
 5. one JSON access-log line and Prometheus metrics per call.
@@ -43,6 +44,10 @@ from servers.storage.table import TableError
 log = structlog.get_logger("sysdesign.rpc")
 
 
+
+# A handler whose caller set no deadline still gives up after this long, so no
+# call waits forever on a backend that stopped answering.
+DEFAULT_DEADLINE_SECONDS = 30.0
 
 _RID_PREFIX = os.urandom(5).hex()
 # A caller's request id is kept to characters that need no escaping anywhere (logs, trailers).
@@ -197,9 +202,12 @@ class PlatformInterceptor:
             access_log(method, code.name, elapsed, rid, caller.user_id if caller is not None else None)
 
     @staticmethod
-    def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    def _timeout(context: grpc.aio.ServicerContext) -> float:
+        """The caller's deadline, or DEFAULT_DEADLINE_SECONDS when it set none."""
         remaining = context.time_remaining()
-        return remaining if remaining is not None and remaining < 1e9 else None
+        if remaining is None or remaining > DEFAULT_DEADLINE_SECONDS:
+            return DEFAULT_DEADLINE_SECONDS
+        return remaining
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str,
                     public: bool) -> Callable[..., Awaitable[Any]]:
@@ -214,10 +222,7 @@ class PlatformInterceptor:
                     raise err
                 if isinstance(request, _Undecodable):
                     raise _undecodable(request)
-                timeout = self._timeout(context)
-                if timeout is None:
-                    return await behavior(request, context)
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self._timeout(context)):
                     return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]

@@ -112,7 +112,17 @@ class EmbeddedValkey:
 
 
 def connect(url: str, **kwargs: Any) -> aioredis.Redis:
-    """An asyncio client with a connection pool, bytes in and out."""
+    """An asyncio client with a connection pool, bytes in and out.
+
+    No per-command socket timeout: redis-py enforces it by running every
+    write under ``asyncio.wait_for`` (a task per command, and on Python 3.11 a
+    cancellation that can be lost). Calls are bounded instead by the RPC's
+    deadline (the platform middleware runs each handler under
+    ``asyncio.timeout``), and dead peers are found by TCP keepalive and the
+    health checks.
+    """
+    kwargs.setdefault("socket_timeout", None)
+    kwargs.setdefault("socket_connect_timeout", 5)
     return aioredis.Redis.from_url(
         url,
         decode_responses=False,
