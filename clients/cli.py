@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
-from rich.console import Console
 from rich.table import Table as RichTable
+
+from clients.common import TokenOpt, UserOpt, _config, _rpc, _split, _token, console, err
 
 app = typer.Typer(help="sysdesign: system-design case studies as runnable gRPC services.",
                   no_args_is_help=True, add_completion=False)
 paste_app = typer.Typer(help="Create and read pastes.", no_args_is_help=True)
 app.add_typer(paste_app, name="paste")
-console = Console()
-err = Console(stderr=True)
-
-
-def _config() -> Any:
-    from servers.platform.config import Config
-
-    return Config()
 
 
 def _run_stack(services: list[str], *, edge: bool, workers: list[str], grpc_enabled: bool = True,
@@ -58,10 +49,6 @@ def _run_stack(services: list[str], *, edge: bool, workers: list[str], grpc_enab
         asyncio.run(run_stack(stack, ready))
     except KeyboardInterrupt:
         pass
-
-
-def _split(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 @app.command()
@@ -167,40 +154,6 @@ def token(
 
 
 # -- client commands ---------------------------------------------------------
-
-def _token(token: str | None, user: str) -> str:
-    if token:
-        return token
-    if os.environ.get("SYSDESIGN_TOKEN"):
-        return os.environ["SYSDESIGN_TOKEN"]
-    from clients.localauth import mint_token
-
-    return asyncio.run(mint_token(_config(), user))[0]
-
-
-def _rpc(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    from grpc_status import rpc_status
-
-    try:
-        return fn(*args, timeout=10, **kwargs)
-    except grpc.RpcError as e:
-        err.print(f"[red]{e.code().name}[/]: {e.details()}")  # type: ignore[attr-defined]
-        status = rpc_status.from_call(e)  # type: ignore[arg-type]
-        if status is not None:
-            from google.rpc import error_details_pb2
-
-            for d in status.details:
-                if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    br = error_details_pb2.BadRequest()
-                    d.Unpack(br)
-                    for fv in br.field_violations:
-                        err.print(f"  {fv.field}: {fv.description}")
-        raise typer.Exit(1) from e
-
-
-TokenOpt = Annotated[str | None, typer.Option(help="Bearer token (default: $SYSDESIGN_TOKEN, or minted for --user).")]
-UserOpt = Annotated[str, typer.Option(help="User to mint a token for when none is given.")]
-
 
 @app.command()
 def shorten(
@@ -332,6 +285,20 @@ def bench_shortener(
     raise typer.Exit(main(ShortenerBenchOptions(
         quick=quick, links=links, out_dir=out, workers=workers, keep_data=keep_data,
         scenarios=tuple(_split(scenarios)), extra_env=extra)))
+
+
+def _load_command_modules() -> None:
+    """Each system's commands live in `clients/commands/<system>.py` with a `register(app, bench_app)`."""
+    import importlib
+    import pkgutil
+
+    import clients.commands as pkg
+
+    for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}").register(app, bench_app)
+
+
+_load_command_modules()
 
 
 if __name__ == "__main__":

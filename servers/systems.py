@@ -34,6 +34,9 @@ class System:
     public_methods: set[str]
     tables: list[Table]
     workers: list[Worker] = field(default_factory=list)
+    # Routes this system adds to the HTTP edge (media bytes, attachment downloads):
+    # called with the aiohttp application and the process's Runtime.
+    edge_routes: Callable[[Any, Runtime], None] | None = None
 
 
 SYSTEMS: dict[str, System] = {

@@ -170,5 +170,11 @@ def build_app(rt: Runtime) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/p/{paste_id}", raw_paste)
+    from servers.systems import SYSTEMS
+
+    for system in SYSTEMS.values():
+        if system.edge_routes is not None:
+            system.edge_routes(app, rt)
+    # Last: one path segment that no other route claimed is a short code.
     app.router.add_get("/{code}", redirect)
     return app

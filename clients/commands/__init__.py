@@ -1,0 +1,1 @@
+"""Per-system `sysdesign` subcommands: each module defines `register(app, bench_app)`."""
