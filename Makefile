@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+IMAGE  ?= sysdesign:dev
 
-.PHONY: run test proto lint bench clean install
+.PHONY: run test proto lint bench clean install image k8s-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +18,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/sysdesign up
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: $(STAMP) k8s-check
+	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/k8s
+
+# Render every kustomize overlay offline, validate each object against the
+# Kubernetes schemas and check the deployment policies (no cluster needed).
+k8s-check: $(STAMP)
+	$(PY) scripts/k8s_check.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/k8s
+
+# Needs a Docker engine (BuildKit); `kind load docker-image $(IMAGE)` afterwards.
+image:
+	docker build -t $(IMAGE) .
 
 proto: $(STAMP)
 	$(PY) scripts/gen_protos.py

@@ -88,11 +88,19 @@ def edge() -> None:
 
 @app.command()
 def migrate(
-    apply: Annotated[bool, typer.Option("--apply", help="Create the keyspace and tables.")] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="Create the keyspace and tables (and the S3 bucket).")] = False,
     replication: Annotated[str, typer.Option(
+        envvar="SYSDESIGN_CASSANDRA_REPLICATION",
         help="Keyspace replication, e.g. 'NetworkTopologyStrategy:dc1=3' or 'SimpleStrategy:3'.")] = "",
+    wait: Annotated[float, typer.Option(
+        help="With --apply: keep retrying for this many seconds while a backend is not up yet "
+             "(the Kubernetes schema Job starts alongside Cassandra and MinIO).")] = 0,
 ) -> None:
-    """Print (or apply) the CQL schema generated from the table definitions."""
+    """Print (or apply) the CQL schema generated from the table definitions.
+
+    With --apply and SYSDESIGN_S3_ENDPOINT set, the blob bucket is created too,
+    so one Job prepares every backend before the services report SERVING.
+    """
     from servers.storage.cassandra_table import cql_schema
     from servers.systems import all_tables
 
@@ -101,9 +109,11 @@ def migrate(
     if not apply:
         sys.stdout.write(cql_schema(all_tables(), config.cassandra_keyspace, repl) + "\n")
         return
-    from servers.storage.backends import open_table_store
+    from rich.markup import escape
 
-    async def go() -> None:
+    from servers.storage.backends import open_blob_store, open_table_store
+
+    async def tables() -> None:
         store = open_table_store(config)
         if repl and hasattr(store, "replication"):
             store.replication = repl
@@ -112,9 +122,35 @@ def migrate(
         finally:
             await store.close()
 
-    asyncio.run(go())
+    async def bucket() -> None:
+        from servers.storage.s3_blob import S3BlobStore
+
+        blobs = open_blob_store(config)
+        try:
+            if isinstance(blobs, S3BlobStore):
+                await blobs.ensure_bucket()
+        finally:
+            await blobs.close()
+
+    async def retrying(what: str, step: Any) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                await step()
+                return
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    err.print(f"[red]{what} unavailable[/]: {escape(str(exc))}")
+                    raise typer.Exit(1) from exc
+                err.print(f"[yellow]{what} not ready[/] ({escape(str(exc))}); retrying in 2 s")
+                await asyncio.sleep(2)
+
+    asyncio.run(retrying("tables", tables))
     target = ",".join(config.cassandra_hosts) or str(config.sqlite_path)
     err.print(f"[green]schema applied[/] to {target}: {len(all_tables())} tables")
+    if config.s3_endpoint:
+        asyncio.run(retrying("s3", bucket))
+        err.print(f"[green]bucket ready[/]: {config.s3_bucket} at {config.s3_endpoint}")
 
 
 def _parse_replication(spec: str) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from servers.platform.interceptors import PlatformInterceptor
 from servers.platform.logs import access_log
 from servers.platform.metrics import BACKEND_UP, QUEUE_DEPTH, serve_metrics
 from servers.platform.runtime import Runtime
+from servers.storage.cassandra_table import CassandraTableStore
 
 log = structlog.get_logger("sysdesign.server")
 
@@ -56,6 +57,7 @@ class Stack:
     service_names: list[str] = field(default_factory=list)
     runner: web.AppRunner | None = None
     grpc_port: int = 0
+    _serving: bool = field(default=True, init=False)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -63,6 +65,8 @@ class Stack:
         selected = systems.select(self.services)
         tables = systems.all_tables()  # every table, so a later `serve` of another subset finds them
         self.rt = rt = await Runtime.open(self.config, tables=tables)
+        if isinstance(rt.tables, CassandraTableStore):
+            rt.tables.expect_tables(tables)
         public: set[str] = set()
         for s in selected:
             public |= s.public_methods
@@ -85,7 +89,11 @@ class Stack:
             if self.grpc_port == 0:
                 raise RuntimeError(f"could not bind gRPC to {host}:{port}")
             await self.server.start()
-            await self._set_health(True)
+            # SERVING only once every backend answers (on Cassandra: once the
+            # schema Job has created the tables), so a Kubernetes readiness
+            # probe holds traffic back until then.
+            self._serving = await self._backends_ok()
+            await self._set_health(self._serving)
             log.info("grpc_listening", addr=f"{host}:{self.grpc_port}", services=self.service_names)
 
         if self.edge:
@@ -136,22 +144,28 @@ class Stack:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
+    async def _backends_ok(self) -> bool:
+        assert self.rt is not None
+        rt = self.rt
+        ok = True
+        for name, ping in (("redis", rt.redis.ping), ("tables", rt.tables.ping),
+                           ("blobs", rt.blobs.ping)):
+            try:
+                await asyncio.wait_for(ping(), timeout=2)
+                BACKEND_UP.labels(name).set(1)
+            except Exception as exc:
+                BACKEND_UP.labels(name).set(0)
+                ok = False
+                log.warning("backend_unreachable", backend=name, error=str(exc))
+        return ok
+
     async def _monitor(self) -> None:
         """NOT_SERVING while a backend is unreachable; queue depths as metrics."""
         assert self.rt is not None
         rt = self.rt
-        serving = True
+        serving = self._serving
         while not self.stop_event.is_set():
-            ok = True
-            for name, ping in (("redis", rt.redis.ping), ("tables", rt.tables.ping),
-                               ("blobs", rt.blobs.ping)):
-                try:
-                    await asyncio.wait_for(ping(), timeout=2)
-                    BACKEND_UP.labels(name).set(1)
-                except Exception as exc:
-                    BACKEND_UP.labels(name).set(0)
-                    ok = False
-                    log.warning("backend_unreachable", backend=name, error=str(exc))
+            ok = await self._backends_ok()
             if ok != serving:
                 serving = ok
                 await self._set_health(ok)

@@ -90,6 +90,7 @@ class CassandraTableStore(TableStore):
         self._prepared: dict[tuple[str, Any], Any] = {}
         self._prepare_lock = threading.Lock()
         self._closed = False
+        self._expected_tables: set[str] = set()
 
     # -- connection -----------------------------------------------------------
 
@@ -334,8 +335,29 @@ class CassandraTableStore(TableStore):
         stmt = await self._prepare((table.name, ("delete", len(names))), cql)
         await self._execute(stmt, vals)
 
+    def expect_tables(self, tables: Sequence[Table]) -> None:
+        """Tables that must exist before ``ping`` reports this store healthy."""
+        self._expected_tables = {t.name for t in tables}
+
     async def ping(self) -> None:
-        await self._execute("SELECT release_version FROM system.local")
+        """Healthy once the cluster answers *and* the schema is there.
+
+        On Cassandra the schema is created by ``sysdesign migrate --apply``
+        (the Kubernetes schema Job), not by the servers; until it has run,
+        ping fails, health stays NOT_SERVING and readiness holds traffic back.
+        """
+        rows = await self._execute(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s",
+            (self.keyspace,),
+        )
+        have = {r[0] for r in rows}
+        if not have:
+            raise TableError(f"cassandra: keyspace {self.keyspace} has no tables yet"
+                             " (run `sysdesign migrate --apply`)")
+        missing = sorted(self._expected_tables - have)
+        if missing:
+            raise TableError(f"cassandra: keyspace {self.keyspace} lacks tables {missing}"
+                             " (run `sysdesign migrate --apply`)")
 
     async def close(self) -> None:
         async with self._connect_lock:
