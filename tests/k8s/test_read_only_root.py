@@ -39,9 +39,32 @@ from k8s_support import CREDS, free_port, moto_server
 from test_k8s_manifests import app_containers, effective_env, find
 
 ROOT = Path(__file__).resolve().parents[2]
-# Inside the namespace: read-only /, a tmpfs on /tmp, then the command.
-READ_ONLY = ("mount -o remount,bind,ro / && mount -t tmpfs -o size=512m tmpfs /tmp "
-             "&& cd \"$SYSDESIGN_WORKDIR\" && exec \"$@\"")
+# Inside the namespace: read-only /, a tmpfs on /tmp, then the command. A
+# checkout (or virtualenv) that itself lives under /tmp would vanish under the
+# tmpfs, so those directories are set aside on /mnt first and bound back,
+# read-only, at their own paths on the fresh tmpfs.
+READ_ONLY = """set -e
+if [ -n "$SYSDESIGN_KEEP" ]; then mount --bind /tmp /mnt; fi
+mount -o remount,bind,ro /
+mount -t tmpfs -o size=512m tmpfs /tmp
+for d in $SYSDESIGN_KEEP; do
+  mkdir -p "$d"
+  mount --bind "/mnt${d#/tmp}" "$d"
+  mount -o remount,bind,ro "$d"
+done
+cd "$SYSDESIGN_WORKDIR"
+exec "$@"
+"""
+
+
+def _under_tmp() -> list[str]:
+    """The checkout and the interpreter's prefix, where they live under /tmp (outermost only)."""
+    tmp = Path("/tmp").resolve()
+    found: list[Path] = []
+    for p in sorted({ROOT, Path(sys.prefix).resolve()}, key=lambda p: len(p.parts)):
+        if p.is_relative_to(tmp) and not any(p.is_relative_to(f) for f in found):
+            found.append(p)
+    return [str(p) for p in found]
 
 
 def _namespaces_available() -> bool:
@@ -73,6 +96,7 @@ def pod_env(objs: list[dict[str, Any]], container: dict[str, Any], redis_url: st
     })
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SYSDESIGN_", "AWS_"))}
     return {**base, **env, "PYTHONDONTWRITEBYTECODE": "1", "SYSDESIGN_WORKDIR": str(ROOT),
+            "SYSDESIGN_KEEP": " ".join(_under_tmp()),
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "generated")])}
 
 
