@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from servers.chat import service as chat
 from servers.identity import service as identity
 from servers.platform.runtime import Runtime
 from servers.shortener import paste
@@ -45,6 +46,8 @@ SYSTEMS: dict[str, System] = {
         "shortener", shortener.register, shortener.PUBLIC_METHODS, shortener.TABLES,
         workers=[Worker("blobgc", paste.blob_gc_queue, paste.handle_blob_gc)],
     ),
+    "chat": System("chat", chat.register, chat.PUBLIC_METHODS, chat.TABLES,
+                   edge_routes=chat.edge_routes),
 }
 
 WORKERS: dict[str, Worker] = {w.name: w for s in SYSTEMS.values() for w in s.workers}
