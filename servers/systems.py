@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from servers.chat import service as chat
+from servers.feed import service as feed
 from servers.identity import service as identity
 from servers.platform.runtime import Runtime
 from servers.shortener import paste
@@ -48,6 +49,11 @@ SYSTEMS: dict[str, System] = {
     ),
     "chat": System("chat", chat.register, chat.PUBLIC_METHODS, chat.TABLES,
                    edge_routes=chat.edge_routes),
+    # GraphService, PostService and TimelineService, and the fan-out-on-write worker.
+    "feed": System(
+        "feed", feed.register, feed.PUBLIC_METHODS, feed.TABLES,
+        workers=[Worker("fanout", feed.fanout_queue, feed.handle_fanout)],
+    ),
 }
 
 WORKERS: dict[str, Worker] = {w.name: w for s in SYSTEMS.values() for w in s.workers}
