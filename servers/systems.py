@@ -15,6 +15,10 @@ import grpc
 from servers.chat import service as chat
 from servers.feed import service as feed
 from servers.identity import service as identity
+from servers.media import core as media_core
+from servers.media import edge as media_edge
+from servers.media import service as media
+from servers.media import worker as media_worker
 from servers.platform.runtime import Runtime
 from servers.shortener import paste
 from servers.shortener import service as shortener
@@ -53,6 +57,11 @@ SYSTEMS: dict[str, System] = {
     "feed": System(
         "feed", feed.register, feed.PUBLIC_METHODS, feed.TABLES,
         workers=[Worker("fanout", feed.fanout_queue, feed.handle_fanout)],
+    ),
+    "media": System(
+        "media", media.register, media.PUBLIC_METHODS, media.TABLES,
+        workers=[Worker("media", media_core.transcode_queue, media_worker.handle_transcode)],
+        edge_routes=media_edge.routes,
     ),
 }
 

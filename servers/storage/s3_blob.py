@@ -4,13 +4,17 @@ boto3 is blocking; every call runs in a worker thread (``asyncio.to_thread``)
 on one low-level client, which is thread-safe. Credentials come from the
 arguments or boto3's default chain (``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY``, shared config, instance roles).
+
+Multipart uploads map one to one onto S3's (parts of at least 5 MiB but the
+last); ``iter_range`` streams one GET's body chunk by chunk; presigned GET
+URLs are signed locally (no request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
@@ -18,7 +22,16 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from servers.storage.blob import BlobAttributes, BlobError, BlobNotFound, BlobStore, check_key
+from servers.storage.blob import (
+    BlobAttributes,
+    BlobError,
+    BlobNotFound,
+    BlobStore,
+    BytesLike,
+    UploadNotFound,
+    UploadPart,
+    check_key,
+)
 
 T = TypeVar("T")
 
@@ -47,6 +60,8 @@ def _server_time(resp: Any) -> float:
 
 
 class S3BlobStore(BlobStore):
+    min_part_size = 5 * 1024 * 1024
+
     def __init__(
         self,
         bucket: str,
@@ -205,6 +220,107 @@ class S3BlobStore(BlobStore):
             token = resp.get("NextContinuationToken")
             if not token:
                 return
+
+    # -- multipart, streamed reads, URLs ------------------------------------------
+
+    async def _upload_call(self, fn: Callable[..., T], key: str, upload_id: str, **kwargs: Any) -> T:
+        try:
+            return await self._call(fn, **kwargs)
+        except BlobError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _code(cause) == "NoSuchUpload":
+                raise UploadNotFound(f"{key} (upload {upload_id})") from cause
+            raise
+
+    async def create_multipart(
+        self, key: str, *, content_type: str = "application/octet-stream"
+    ) -> str:
+        check_key(key)
+        resp = await self._call(
+            self._client.create_multipart_upload, Bucket=self.bucket, Key=key, ContentType=content_type
+        )
+        return str(resp["UploadId"])
+
+    async def upload_part(
+        self, key: str, upload_id: str, part_number: int, offset: int, data: BytesLike
+    ) -> UploadPart:
+        check_key(key)
+        if part_number < 1 or offset < 0:
+            raise ValueError("part numbers start at 1 and offsets must not be negative")
+        resp = await self._upload_call(
+            self._client.upload_part, key, upload_id, Bucket=self.bucket, Key=key,
+            UploadId=upload_id, PartNumber=part_number, Body=bytes(data),
+        )
+        return UploadPart(part_number=part_number, offset=offset, size=len(data),
+                          etag=_etag(resp["ETag"]))
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[UploadPart]
+    ) -> BlobAttributes:
+        check_key(key)
+        ordered = sorted(parts, key=lambda p: p.part_number)
+        expected = 0
+        for i, p in enumerate(ordered, start=1):
+            if p.part_number != i or p.offset != expected:
+                raise ValueError(f"parts must be numbered 1..n and contiguous (part {p.part_number})")
+            expected += p.size
+        resp = await self._upload_call(
+            self._client.complete_multipart_upload, key, upload_id, Bucket=self.bucket, Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"ETag": f'"{p.etag}"', "PartNumber": p.part_number}
+                                       for p in ordered]},
+        )
+        return BlobAttributes(size=expected, etag=_etag(resp["ETag"]), last_modified=_server_time(resp))
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        check_key(key)
+        try:
+            await self._upload_call(self._client.abort_multipart_upload, key, upload_id,
+                                    Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except UploadNotFound:
+            return
+
+    async def iter_range(
+        self, key: str, offset: int = 0, length: int | None = None, *, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        check_key(key)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            await self.attributes(key)
+            return
+        end = "" if length is None else str(offset + length - 1)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if offset or length is not None:
+            kwargs["Range"] = f"bytes={offset}-{end}"
+        try:
+            resp = await self._call(self._client.get_object, key=key, **kwargs)
+        except BlobError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and (
+                _code(cause) == "InvalidRange" or _status(cause) == 416
+            ):
+                return
+            raise
+        body = resp["Body"]
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(body.read, chunk_size)
+                except BotoCoreError as exc:
+                    raise BlobError(f"s3 {self.bucket}: {exc}") from exc
+                if not chunk:
+                    return
+                yield bytes(chunk)
+        finally:
+            await asyncio.to_thread(body.close)
+
+    async def presigned_get_url(self, key: str, *, expires_seconds: int = 3600) -> str | None:
+        check_key(key)
+        url: str = self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_seconds
+        )
+        return url
 
     async def ping(self) -> None:
         await self._call(self._client.head_bucket, Bucket=self.bucket)
