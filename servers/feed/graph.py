@@ -245,12 +245,12 @@ class GraphCore:
         now = int(time.time() * 1000)
         for start in range(0, len(edges), concurrency):
             chunk = edges[start:start + concurrency]
-            await asyncio.gather(*(
-                put for a, b in chunk for put in (
-                    self.tables.put(FOLLOWING, {"user_id": a, "followee_id": b, "create_ms": now}),
-                    self.tables.put(FOLLOWERS, {"user_id": b, "follower_id": a, "create_ms": now}),
-                )
-            ))
+            await asyncio.gather(
+                self.tables.put_many(FOLLOWING, [{"user_id": a, "followee_id": b, "create_ms": now}
+                                                 for a, b in chunk]),
+                self.tables.put_many(FOLLOWERS, [{"user_id": b, "follower_id": a, "create_ms": now}
+                                                 for a, b in chunk]),
+            )
 
     async def finish_bulk(self, users: list[int], followers: dict[int, int]) -> None:
         """Invalidate cached counts/sets of ``users`` (generation bumped) and promote celebrities."""

@@ -129,9 +129,9 @@ class Timelines:
         return row
 
     async def persist(self, kind: TimelineKind, owners: Iterable[int], entries: list[Entry]) -> None:
-        """Table rows first (the truth): every (owner, entry), written concurrently (group commit)."""
-        await asyncio.gather(*(self.tables.put(kind.table, self.row(kind, o, pid, aid))
-                               for o in owners for pid, aid in entries))
+        """Table rows (the truth): every (owner, entry) in one batched write of the table port."""
+        await self.tables.put_many(kind.table, [self.row(kind, o, pid, aid)
+                                                for o in owners for pid, aid in entries])
 
     def push(self, pipe: Any, kind: TimelineKind, owner: int, entries: list[Entry]) -> None:
         """Queue the Redis side of an add (ZADD + trim) on a pipeline."""

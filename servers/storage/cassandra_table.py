@@ -278,6 +278,12 @@ class CassandraTableStore(TableStore):
             raise TableError("cassandra: conditional insert returned no [applied] row")
         return bool(rows[0][0])
 
+    async def put_many(self, table: Table, rows: Sequence[Row], *, ttl_seconds: int | None = None) -> None:
+        for row in rows:
+            check_row(table, row)
+        check_ttl(ttl_seconds)
+        await asyncio.gather(*(self.put(table, row, ttl_seconds=ttl_seconds) for row in rows))
+
     async def get(self, table: Table, key: Mapping[str, Any]) -> Row | None:
         names, vals = check_key(table, key)
         cql = (

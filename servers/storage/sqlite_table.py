@@ -642,6 +642,35 @@ class SqliteTableStore(TableStore):
         written = await self._write(tx)
         return written if if_not_exists else True
 
+    async def put_many(self, table: Table, rows: Sequence[Row], *, ttl_seconds: int | None = None) -> None:
+        """One write job for all the rows (all or none), statements prepared once per shape."""
+        check_ttl(ttl_seconds)
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            clean = check_row(table, row)
+            shapes.setdefault(tuple(clean), []).append(clean)
+        if not shapes:
+            return
+        work = []
+        for cols, group in shapes.items():
+            sql, delete_expired = self._cache_sql(
+                ("put", table.name, table.primary_key, cols, False),
+                lambda cols=cols: self._put_sql(table, cols, False),  # type: ignore[misc]
+            )
+            keys = [tuple(r[c] for c in table.primary_key) for r in group]
+            values = [tuple(r.values()) for r in group]
+            work.append((sql, delete_expired, keys, values))
+
+        def tx(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            expires = now + ttl_seconds if ttl_seconds is not None else None
+            for sql, delete_expired, keys, values in work:
+                conn.executemany(delete_expired, [(*k, now) for k in keys])
+                conn.executemany(sql, [(*v, expires) for v in values])
+            self._maybe_cleanup(conn, table, now)
+
+        await self._write(tx)
+
     async def get(self, table: Table, key: Mapping[str, Any]) -> Row | None:
         names, vals = check_key(table, key)
         sql, _ = self._cache_sql(

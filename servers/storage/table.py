@@ -155,6 +155,18 @@ class TableStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def put_many(self, table: Table, rows: Sequence[Row], *, ttl_seconds: int | None = None) -> None:
+        """Upsert many rows of one table, each as ``put`` would (no ``IF NOT EXISTS``).
+
+        Every row is checked before any is written, so a bad row writes
+        nothing. Adapters batch the writes: SQLite runs them as one job of
+        its group commit (all or none), Cassandra sends them concurrently
+        (each row on its own, as a Cassandra batch across partitions would
+        only add coordinator work). A fan-out of one post to thousands of
+        timelines costs one call instead of thousands.
+        """
+
+    @abc.abstractmethod
     async def get(self, table: Table, key: Mapping[str, Any]) -> Row | None:
         """One live row by its full primary key, with every column (missing ones None)."""
 

@@ -266,6 +266,43 @@ async def wait_gone(store: TableStore, table: Table, key: dict[str, Any]) -> Non
         await asyncio.sleep(0.25)
 
 
+async def test_put_many_writes_every_row_across_partitions(store: TableStore) -> None:
+    tenants = [uid("t"), uid("t")]
+    rows = [{"tenant": t, "bucket": 0, "ts": ts, "seq": 0, "body": f"{t}:{ts}"}
+            for t in tenants for ts in range(1, 301)]
+    await store.put_many(EVENTS, rows)
+    for t in tenants:
+        got = await slice_all(store, EVENTS, {"tenant": t, "bucket": 0}, limit=128)
+        assert [r["body"] for r in got] == [f"{t}:{ts}" for ts in range(1, 301)]
+
+
+async def test_put_many_upserts_and_mixes_column_sets(store: TableStore) -> None:
+    a, b = uid(), uid()
+    await store.put(KV, {"k": a, "v": "old", "n": 1})
+    await store.put_many(KV, [{"k": a, "v": "new"}, {"k": b, "n": 7}, {"k": b, "v": "later"}])
+    assert await store.get(KV, {"k": a}) == {"k": a, "v": "new", "n": 1}
+    assert await store.get(KV, {"k": b}) == {"k": b, "v": "later", "n": 7}
+    await store.put_many(KV, [])  # nothing to do is fine
+
+
+async def test_put_many_with_a_bad_row_writes_nothing(store: TableStore) -> None:
+    good, also = uid(), uid()
+    with pytest.raises(ValueError):
+        await store.put_many(KV, [{"k": good, "v": "x"}, {"v": "no key"}, {"k": also, "v": "y"}])
+    with pytest.raises(ValueError):
+        await store.put_many(KV, [{"k": good, "v": "x"}, {"k": also, "nope": 1}])
+    assert await store.get(KV, {"k": good}) is None
+    assert await store.get(KV, {"k": also}) is None
+
+
+async def test_put_many_with_ttl(store: TableStore) -> None:
+    gone, stays = uid(), uid()
+    await store.put_many(KV, [{"k": gone, "v": "short"}], ttl_seconds=1)
+    await store.put(KV, {"k": stays, "v": "kept"})
+    await wait_gone(store, KV, {"k": gone})
+    assert await store.get(KV, {"k": stays}) == {"k": stays, "v": "kept", "n": None}
+
+
 async def test_ttl_expiry(store: TableStore) -> None:
     k, keep = uid(), uid()
     await store.put(KV, {"k": k, "v": "short", "n": 1}, ttl_seconds=1)
