@@ -99,6 +99,16 @@ class Lua:
     def queue(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
         pipe.eval(self.source, len(keys), *keys, *args)
 
+    def queue_sha(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
+        """Queue as EVALSHA: for pipelines of thousands of calls, where sending and
+        hashing the source each time costs more than the script. The caller runs
+        ``load()`` and the pipeline again on NoScriptError (after a restart or a
+        SCRIPT FLUSH of the server), so the queued work must be idempotent."""
+        pipe.evalsha(self.script.sha, len(keys), *keys, *args)
+
+    async def load(self) -> None:
+        await self.script.registered_client.script_load(self.source)
+
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         return await self.script(keys=keys, args=args)
 

@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from servers.feed.counters import Lua
 from servers.feed.nearcache import FeedNearCache
 from servers.feed.tables import HOME_BUCKET_MS, HOME_TIMELINE, USER_POSTS, USER_POSTS_BUCKET_MS
@@ -145,10 +147,25 @@ class Timelines:
         ZADD changes nothing), so a caller that fails halfway simply runs it again."""
         if not owners or not entries:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for o in owners:
-            self.push(pipe, kind, o, entries)
-        await asyncio.gather(self.persist(kind, owners, entries), pipe.execute())
+        await asyncio.gather(self.persist(kind, owners, entries), self._push_all(kind, owners, entries))
+
+    async def _push_all(self, kind: TimelineKind, owners: list[int], entries: list[Entry]) -> None:
+        """One pipeline of EVALSHA calls (fan-out sends thousands); reloads the script once
+        if the server lost it. A re-run is harmless: every call is an idempotent ZADD."""
+        args: list[Any] = [self.cache_size]
+        for pid, aid in entries:
+            args += [float(pid), member(pid, aid)]
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for o in owners:
+                self._add.queue_sha(pipe, self.keys(kind, o), args)
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self._add.load()
 
     async def remove(self, kind: TimelineKind, owner: int, entries: list[Entry]) -> None:
         if not entries:
