@@ -661,11 +661,16 @@ class SqliteTableStore(TableStore):
             values = [tuple(r.values()) for r in group]
             work.append((sql, delete_expired, keys, values))
 
+        every_column = len(table.columns)
+
         def tx(conn: sqlite3.Connection) -> None:
             now = time.time()
             expires = now + ttl_seconds if ttl_seconds is not None else None
             for sql, delete_expired, keys, values in work:
-                conn.executemany(delete_expired, [(*k, now) for k in keys])
+                # A row that sets every column overwrites all of an expired one:
+                # nothing of it can come back, so there is nothing to delete first.
+                if len(values[0]) < every_column:
+                    conn.executemany(delete_expired, [(*k, now) for k in keys])
                 conn.executemany(sql, [(*v, expires) for v in values])
             self._maybe_cleanup(conn, table, now)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ class Table:
         if set(self.partition_key) & set(self.clustering):
             raise ValueError(f"{self.name}: a column cannot be both partition and clustering key")
 
-    @property
+    @functools.cached_property
     def primary_key(self) -> tuple[str, ...]:
         return (*self.partition_key, *self.clustering)
 

@@ -301,6 +301,16 @@ async def test_put_many_with_ttl(store: TableStore) -> None:
     await store.put(KV, {"k": stays, "v": "kept"})
     await wait_gone(store, KV, {"k": gone})
     assert await store.get(KV, {"k": stays}) == {"k": stays, "v": "kept", "n": None}
+    # Over the expired row: a partial row brings none of its columns back, and a
+    # full row (every column) is a new, unexpiring row.
+    await store.put_many(KV, [{"k": gone, "n": 5}])
+    assert await store.get(KV, {"k": gone}) == {"k": gone, "v": None, "n": 5}
+    full = uid()
+    await store.put_many(KV, [{"k": full, "v": "a", "n": 1}], ttl_seconds=1)
+    await wait_gone(store, KV, {"k": full})
+    await store.put_many(KV, [{"k": full, "v": "b", "n": 2}])
+    await asyncio.sleep(1.2)
+    assert await store.get(KV, {"k": full}) == {"k": full, "v": "b", "n": 2}
 
 
 async def test_ttl_expiry(store: TableStore) -> None:
