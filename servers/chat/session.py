@@ -289,7 +289,7 @@ class Connection:
         e = ev.send
 
         def acked(row: dict[str, Any], msg: pb.Message, duplicate: bool) -> None:
-            # SENT as soon as the row is written; the publish to the members follows.
+            # SENT once the row is written and published to the members' instances.
             s.known.add(row["conversation_id"])
             s.push(pb.ServerEvent(send_ack=pb.SendAck(
                 event_id=ev.event_id, client_message_id=e.client_message_id, message=msg,
@@ -302,23 +302,30 @@ class Connection:
     async def send(self, user_id: int, username: str, device_id: str, cmid: str,
                    conversation: str, text: str, attachment: str, *,
                    on_persisted: Any = None) -> tuple[dict[str, Any], bool]:
-        """Persist, then publish to every device of every member (but the sending one)."""
+        """Persist, publish to every device of every member (but the sending one), then ack.
+
+        The acknowledgement waits for the publish: were it sent first, a server
+        dying between the two would leave a message the sender will never resend
+        and a recipient whose live stream (on another instance) never hears of it.
+        Unacknowledged, the sender resends the same client message id elsewhere;
+        the duplicate is not stored again but is published again.
+        """
         async with self.hub.send_slots:
             row, duplicate, members = await self.core.send(user_id, username, cmid,
                                                            conversation, text, attachment)
             msg = message_pb(row)
-            if on_persisted is not None:
-                on_persisted(row, msg, duplicate)
             try:
                 await self.hub.route(members, pb.ServerEvent(message=msg),
                                      skip=(user_id, device_id) if device_id else None)
             except _RETRYABLE as exc:
-                # Persisted and acknowledged: the members get it by replay when their
-                # streams reconnect (a lost Redis subscription ends them).
+                # Persisted: the members get it by replay when their streams reconnect
+                # (a lost Redis subscription ends them).
                 log.warning("chat_publish_failed", conversation_id=row["conversation_id"],
                             message_id=row["message_id"], error=repr(exc))
             finally:
                 self.core.released(row["conversation_id"], row["message_id"])
+            if on_persisted is not None:
+                on_persisted(row, msg, duplicate)
         return row, duplicate
 
     async def _member(self, s: Session, cid: int) -> None:
