@@ -140,6 +140,7 @@ class Hub:
     def for_runtime(cls, rt: Runtime) -> Hub:
         def make() -> Hub:
             hub = cls(rt, ChatCore.for_runtime(rt))
+            rt.drainers.append(hub.drain)
             rt.closers.append(hub.close)
             return hub
         return rt.singleton("chat.hub", make)
@@ -156,6 +157,16 @@ class Hub:
             self._tasks.append(asyncio.create_task(self._sweep(), name="chat-sweep"))
             self._started = True
         await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+
+    async def drain(self) -> None:
+        """Shutdown began: end every stream with UNAVAILABLE so its device reconnects to
+        another instance now, rather than when the grace period runs out. Acknowledged
+        positions are flushed first, so a reconnect replays as little as possible."""
+        with contextlib.suppress(Exception):
+            await self.flush(force=True)
+        for by_device in list(self.sessions.values()):
+            for s in list(by_device.values()):
+                s.close("the server is shutting down; reconnect")
 
     async def close(self) -> None:
         self._stopping = True

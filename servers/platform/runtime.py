@@ -43,6 +43,10 @@ class Runtime:
     # must run before the backends close (flushing buffers).
     shared: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What must run when shutdown starts, once new calls are refused: long-lived
+    # streams end here (telling their clients to reconnect elsewhere) instead of
+    # holding the drain open for the whole grace period.
+    drainers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def singleton(self, name: str, factory: Callable[[], T]) -> T:
         if name not in self.shared:

@@ -144,6 +144,15 @@ class Stack:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
+    async def _drain(self) -> None:
+        if self.rt is None:
+            return
+        for drainer in self.rt.drainers:
+            try:
+                await drainer()
+            except Exception as exc:
+                log.warning("drainer_failed", error=repr(exc))
+
     async def _backends_ok(self) -> bool:
         assert self.rt is not None
         rt = self.rt
@@ -187,7 +196,14 @@ class Stack:
         if self.runner is not None:
             await self.runner.cleanup()
         if self.server is not None:
-            await self.server.stop(grace)
+            # stop() refuses new calls at once and then waits up to `grace` for the
+            # calls in flight; the drainers end the streams that would never finish.
+            stopping = asyncio.create_task(self.server.stop(grace))
+            await asyncio.sleep(0)
+            await self._drain()
+            await stopping
+        else:
+            await self._drain()
         for t in self.tasks:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(t, timeout=grace)
