@@ -62,7 +62,6 @@ from clients.bench.loadgen import (
     SearchCriteria,
     SearchPlan,
     SearchResult,
-    SearchStep,
     StepResult,
     find_max_rate,
     start_echo_floor,
@@ -348,14 +347,6 @@ def _process_cpu_s(pid: int) -> float:
         return 0.0
 
 
-def _summary_line(s: SearchStep) -> str:
-    r = s.result
-    mark = "[green]✔[/]" if s.passed else f"[red]✘ {s.reason}[/]"
-    return (f"  {r.target}: {r.offered_rps:,.0f}/s offered → {r.achieved_rps:,.0f}/s, "
-            f"p50 {r.latency.percentile_ms(50):.2f} ms, p99 {r.latency.percentile_ms(99):.2f} ms "
-            f"{mark}")
-
-
 class _Run:
     def __init__(self, s: _Settings, ui: ProgressUI, lg: LoadGenerator, report: RunReport) -> None:
         self.s = s
@@ -373,7 +364,7 @@ class _Run:
         cpu = CpuWindow()
         before = _process_cpu_s(cpu_pid) if cpu_pid else 0.0
         res = find_max_rate(self.lg, self.plan, self.criteria, on_step=self.ui.step,
-                            on_result=lambda st: self.ui.log(_summary_line(st)))
+                            on_result=lambda st: self.ui.log(st.line()))
         usage = cpu.close()
         summary: dict[str, Any] = {**res.summary(), "cpu": usage}
         if cpu_pid:

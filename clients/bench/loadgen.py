@@ -777,6 +777,14 @@ class SearchStep:
     def summary(self) -> dict[str, Any]:
         return {**self.result.summary(), "passed": self.passed, "reason": self.reason}
 
+    def line(self) -> str:
+        """One line of a step search's progress log (rich markup)."""
+        r = self.result
+        mark = "[green]✔[/]" if self.passed else f"[red]✘ {self.reason}[/]"
+        return (f"  {r.target}: {r.offered_rps:,.0f}/s offered → {r.achieved_rps:,.0f}/s, "
+                f"p50 {r.latency.percentile_ms(50):.2f} ms, p99 {r.latency.percentile_ms(99):.2f} ms "
+                f"{mark}")
+
 
 @dataclass
 class SearchResult:

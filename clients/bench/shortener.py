@@ -346,14 +346,6 @@ def _bulk_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def _summary_line(s: SearchStep) -> str:
-    r = s.result
-    mark = "[green]✔[/]" if s.passed else f"[red]✘ {s.reason}[/]"
-    return (f"  {r.target}: {r.offered_rps:,.0f}/s offered → {r.achieved_rps:,.0f}/s, "
-            f"p50 {r.latency.percentile_ms(50):.2f} ms, p99 {r.latency.percentile_ms(99):.2f} ms "
-            f"{mark}")
-
-
 class _Run:
     def __init__(self, s: _Settings, ui: ProgressUI, lg: LoadGenerator, report: RunReport) -> None:
         self.s = s
@@ -375,7 +367,7 @@ class _Run:
         cpu = CpuWindow()
 
         def each(st: SearchStep) -> None:
-            self.ui.log(_summary_line(st))
+            self.ui.log(st.line())
             if on_result is not None:
                 on_result(st)
 
