@@ -31,6 +31,9 @@ class Worker:
     name: str
     queue: Callable[[Any], JobQueue]
     handler: Callable[[Runtime, Job], Awaitable[None]]
+    # Periodic work beside the consumer (e.g. re-queueing from an outbox): one
+    # pass, returning the seconds to wait before the next.
+    sweep: Callable[[Runtime], Awaitable[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ SYSTEMS: dict[str, System] = {
     # GraphService, PostService and TimelineService, and the fan-out-on-write worker.
     "feed": System(
         "feed", feed.register, feed.PUBLIC_METHODS, feed.TABLES,
-        workers=[Worker("fanout", feed.fanout_queue, feed.handle_fanout)],
+        workers=[Worker("fanout", feed.fanout_queue, feed.handle_fanout, sweep=feed.sweep_outbox)],
     ),
     "media": System(
         "media", media.register, media.PUBLIC_METHODS, media.TABLES,

@@ -13,6 +13,15 @@ trim to 800). After each page the job records the page token under
 the first page not yet done. Redoing a page is harmless: a table put of the
 same row and a ZADD of the same member change nothing.
 
+**The outbox.** Before the job is queued, CreatePost writes the post to
+``feed_fanout_pending`` (table port); the job deletes that row when the
+fan-out is done. The worker sweeps the outbox's recent hourly partitions
+every ``SYSDESIGN_FEED_OUTBOX_SWEEP_S`` and queues again any post still there
+after ``SYSDESIGN_FEED_OUTBOX_MIN_AGE_S`` (at most once per sweep interval
+per post), so a job Redis lost (FLUSHALL, a replica lost without its AOF)
+still reaches every follower; a job that was merely slow runs twice, which
+the idempotent fan-out absorbs.
+
 **Fan-out on read** (celebrities). GetHomeTimeline reads, in one pipelined
 round trip, the reader's pushed timeline and the set of users the reader
 follows; intersects that with the celebrity set; reads those authors'
@@ -38,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,9 +55,10 @@ from servers.feed.graph import GraphCore
 from servers.feed.nearcache import FeedNearCache
 from servers.feed.posts import PostCore
 from servers.feed.settings import FeedSettings
-from servers.feed.tables import FOLLOWERS, POSTS
+from servers.feed.tables import FANOUT_PENDING, FANOUT_PENDING_BUCKET_MS, FOLLOWERS, POSTS
 from servers.feed.timelines import AUTHOR, HOME, Entry, TimelineKind, Timelines
 from servers.platform.errors import InvalidArgument, Violations
+from servers.platform.ids import bucket_of, id_for_time
 from servers.storage.queue import JobQueue
 from servers.storage.redis_conn import key
 from servers.storage.table import InvalidPageToken
@@ -118,7 +129,45 @@ class FeedCore:
         self.posts = PostCore(rt, self.timelines, self.graph, self._enqueue, self.near)
 
     async def _enqueue(self, post_id: int, author_id: int) -> None:
+        """Outbox row first (the durable record), then the job."""
+        await self.tables.put(FANOUT_PENDING, {
+            "bucket": bucket_of(post_id, FANOUT_PENDING_BUCKET_MS), "post_id": post_id,
+            "author_id": author_id})
         await self.queue.enqueue({"post_id": post_id, "author_id": author_id})
+
+    async def _done(self, post_id: int) -> None:
+        await self.tables.delete(FANOUT_PENDING, {
+            "bucket": bucket_of(post_id, FANOUT_PENDING_BUCKET_MS), "post_id": post_id})
+
+    async def sweep_outbox(self, now_ms: int | None = None) -> int:
+        """Queue again every fan-out still in the outbox after the minimum age; returns how many.
+
+        Reads the partitions of the last ``outbox_window_h`` hours. A post is
+        queued again at most once per sweep interval (a Redis marker), so a
+        long backlog is not multiplied by every sweep.
+        """
+        st = self.settings
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        older_than = id_for_time(now_ms - st.outbox_min_age_s * 1000)
+        newest = bucket_of(max(older_than - 1, 0), FANOUT_PENDING_BUCKET_MS)
+        requeued = 0
+        for bucket in range(newest, newest - st.outbox_window_h - 1, -1):
+            token = ""
+            while True:
+                page = await self.tables.slice(FANOUT_PENDING, {"bucket": bucket}, limit=500,
+                                               page_token=token)
+                for row in page.rows:
+                    if row["post_id"] >= older_than:
+                        continue
+                    marker = key("q:fanout", "requeued", row["post_id"])
+                    if await self.redis.set(marker, 1, nx=True, ex=st.outbox_sweep_s):
+                        await self.queue.enqueue({"post_id": row["post_id"],
+                                                  "author_id": row["author_id"]})
+                        requeued += 1
+                token = page.next_page_token
+                if not token:
+                    break
+        return requeued
 
     # -- graph with timeline side effects -------------------------------------------
 
@@ -145,6 +194,7 @@ class FeedCore:
         pkey = progress_key(post_id)
         row = await self.tables.get(POSTS, {"post_id": post_id})
         if row is None or row["deleted"]:
+            await self._done(post_id)
             return 0  # deleted before its fan-out: readers would drop it anyway
         raw = await self.redis.get(pkey)
         token = raw.decode() if raw else ""
@@ -171,6 +221,7 @@ class FeedCore:
             # Checkpoint: everything before `token` is delivered.
             await self.redis.set(pkey, token, ex=PROGRESS_TTL_SECONDS)
         await self.redis.delete(pkey)
+        await self._done(post_id)
         return delivered
 
     # -- reads -----------------------------------------------------------------------

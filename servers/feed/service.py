@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 from sysdesign.feed.v1 import feed_pb2 as pb
 from sysdesign.feed.v1 import feed_pb2_grpc as pb_grpc
@@ -22,6 +23,8 @@ from servers.platform.auth import require_caller
 from servers.platform.errors import Violations
 from servers.platform.runtime import Runtime
 from servers.storage.queue import Job
+
+log = structlog.get_logger("sysdesign.feed")
 
 GRAPH_SERVICE = pb.DESCRIPTOR.services_by_name["GraphService"].full_name
 POST_SERVICE = pb.DESCRIPTOR.services_by_name["PostService"].full_name
@@ -210,4 +213,13 @@ async def handle_fanout(rt: Runtime, job: Job) -> None:
     await FeedCore.for_runtime(rt).fanout(post_id, author_id)
 
 
-__all__ = ["PUBLIC_METHODS", "TABLES", "fanout_queue", "handle_fanout", "register"]
+async def sweep_outbox(rt: Runtime) -> float:
+    """The `fanout` worker's sweep: queue again what the outbox still holds; seconds to the next."""
+    core = FeedCore.for_runtime(rt)
+    n = await core.sweep_outbox()
+    if n:
+        log.info("fanout_outbox_requeued", posts=n)
+    return float(core.settings.outbox_sweep_s)
+
+
+__all__ = ["PUBLIC_METHODS", "TABLES", "fanout_queue", "handle_fanout", "register", "sweep_outbox"]

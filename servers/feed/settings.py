@@ -9,6 +9,9 @@
 | SYSDESIGN_FEED_FOLLOWING_LIMIT        | 5000    | how many users one user may follow                |
 | SYSDESIGN_FEED_BACKFILL               | 100     | posts copied into a home timeline on follow       |
 | SYSDESIGN_FEED_NEAR_CACHE_MS          | 2000    | lifetime of the per-process near cache's entries  |
+| SYSDESIGN_FEED_OUTBOX_SWEEP_S         | 30      | how often the fan-out worker sweeps the outbox     |
+| SYSDESIGN_FEED_OUTBOX_MIN_AGE_S       | 60      | an unfinished fan-out this old is queued again     |
+| SYSDESIGN_FEED_OUTBOX_WINDOW_H        | 24      | hours of posts the sweep looks back over           |
 """
 
 from __future__ import annotations
@@ -42,3 +45,7 @@ class FeedSettings:
     backfill: int = field(default_factory=lambda: _int("SYSDESIGN_FEED_BACKFILL", 100, minimum=0))
     near_cache_ms: int = field(
         default_factory=lambda: _int("SYSDESIGN_FEED_NEAR_CACHE_MS", 2000, minimum=0))
+    outbox_sweep_s: int = field(default_factory=lambda: _int("SYSDESIGN_FEED_OUTBOX_SWEEP_S", 30))
+    outbox_min_age_s: int = field(
+        default_factory=lambda: _int("SYSDESIGN_FEED_OUTBOX_MIN_AGE_S", 60, minimum=0))
+    outbox_window_h: int = field(default_factory=lambda: _int("SYSDESIGN_FEED_OUTBOX_WINDOW_H", 24))

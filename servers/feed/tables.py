@@ -118,5 +118,19 @@ CELEBRITIES = Table(
     comment="authors served by fan-out on read",
 )
 
+# The fan-out outbox: a row per post whose fan-out on write has not finished,
+# written before its job is queued and deleted when the job is done. Redis
+# streams survive restarts (AOF) but not a FLUSHALL or a lost replica; the
+# worker's sweeper re-queues what is left here (servers/feed/feed.py). One
+# partition per hour of post ids: the sweeper reads only recent partitions.
+FANOUT_PENDING_BUCKET_MS = 60 * 60 * 1000
+FANOUT_PENDING = Table(
+    name="feed_fanout_pending",
+    partition_key=("bucket",),
+    clustering=("post_id",),
+    columns={"bucket": "bigint", "post_id": "bigint", "author_id": "bigint"},
+    comment="posts whose fan-out on write is not finished yet (the outbox)",
+)
+
 TABLES = [POSTS, USER_POSTS, HOME_TIMELINE, FOLLOWERS, FOLLOWING, LIKES, REPLIES, REPOSTS,
-          CELEBRITIES]
+          CELEBRITIES, FANOUT_PENDING]

@@ -134,7 +134,24 @@ class Stack:
         async def handle(job: Any) -> None:
             await w.handler(rt, job)
 
-        await queue.run(consumer, handle, stop=self.stop_event)
+        sweeper = asyncio.create_task(self._sweep(w), name=f"sweep-{w.name}") if w.sweep else None
+        try:
+            await queue.run(consumer, handle, stop=self.stop_event)
+        finally:
+            if sweeper is not None:
+                with contextlib.suppress(BaseException):
+                    await sweeper
+
+    async def _sweep(self, w: systems.Worker) -> None:
+        assert self.rt is not None and w.sweep is not None
+        while not self.stop_event.is_set():
+            try:
+                delay = await w.sweep(self.rt)
+            except Exception as exc:
+                log.warning("sweep_failed", worker=w.name, error=repr(exc))
+                delay = 5.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
 
     async def _set_health(self, serving: bool) -> None:
         if self.health is None:

@@ -247,3 +247,56 @@ def test_a_change_on_one_replica_reaches_the_other_replicas_near_cache(tmp_path:
             if s.proc is not None:
                 s.stop()
         valkey.stop()
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+def test_fanout_jobs_lost_by_redis_are_requeued_from_the_outbox(tmp_path: Path) -> None:
+    """Posts acknowledged while no worker ran, then FLUSHALL: the queued jobs are gone,
+    but the outbox rows are not, and the worker's sweep queues them again."""
+    from servers.storage.redis_conn import EmbeddedValkey
+
+    valkey = EmbeddedValkey(tmp_path / "valkey")
+    url = valkey.start()
+    data = tmp_path / "data"
+    env = {"SYSDESIGN_REDIS_URL": url, "SYSDESIGN_FEED_OUTBOX_SWEEP_S": "1",
+           "SYSDESIGN_FEED_OUTBOX_MIN_AGE_S": "0"}
+    server = StackProcess(data, extra_env=env)
+    worker: StackProcess | None = None
+    r = redis.Redis.from_url(url)
+    try:
+        server.start(["serve", "--services", "identity,shortener,feed"])
+        ch = server.channel()
+        graph, posts_stub, tl = (pbg.GraphServiceStub(ch), pbg.PostServiceStub(ch),
+                                 pbg.TimelineServiceStub(ch))
+        author = grpc_metadata(server.token("outboxauthor"))
+        readers = [grpc_metadata(server.token(f"outboxreader{i}")) for i in range(3)]
+        for md in readers:
+            graph.FollowUser(pb.FollowUserRequest(user=pb.UserRef(username="outboxauthor")),
+                             metadata=md, timeout=30)
+        ids = [posts_stub.CreatePost(pb.CreatePostRequest(text=f"before the flush {i}"),
+                                     metadata=author, timeout=30).post.post_id for i in range(5)]
+        assert int(r.xlen(STREAM)) == 5  # acknowledged and queued; nobody consumes yet
+        r.flushall()
+        assert not r.exists(STREAM)
+
+        worker = StackProcess(data, extra_env=env).start(["worker", "fanout"])
+        want = sorted(ids, key=int, reverse=True)
+
+        def delivered() -> bool:
+            return all([p.post_id for p in tl.GetHomeTimeline(
+                pb.GetHomeTimelineRequest(page_size=20), metadata=md, timeout=30).posts] == want
+                for md in readers)
+
+        wait_until(delivered, deadline_s=120, every=0.2)
+        wait_until(lambda: fanout_idle(r), deadline_s=60)
+    except grpc.RpcError as e:
+        raise AssertionError(f"{e}\n{server.logs()}") from e
+    finally:
+        if worker is not None:
+            worker.stop()
+        if server.proc is not None:
+            server.stop()
+        r.close()
+        valkey.stop()
