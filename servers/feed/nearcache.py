@@ -32,9 +32,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 
-import structlog
-
-log = structlog.get_logger("sysdesign.feed.nearcache")
+from servers.storage.redis_conn import listen_for_invalidations
 
 CHANNEL = "sysdesign:feed:invalidate"
 V = TypeVar("V")
@@ -146,24 +144,8 @@ class FeedNearCache:
             self._listener = asyncio.ensure_future(self._listen())
 
     async def _listen(self) -> None:
-        while not self._stopping:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(CHANNEL)
-                self._clear()  # whatever was published before we listened is unknown
-                while not self._stopping:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg and msg.get("type") == "message":
-                        self._drop(msg["data"].decode())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("feed_invalidation_listener_failed", error=repr(exc))
-                self._clear()
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        await listen_for_invalidations(self.redis, CHANNEL, on_message=self._drop, on_reset=self._clear,
+                                       stopping=lambda: self._stopping)
 
     def _clear(self) -> None:
         self.generation += 1

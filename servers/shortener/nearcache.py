@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 from redis.exceptions import NoScriptError
 
-from servers.storage.redis_conn import key
+from servers.storage.redis_conn import key, listen_for_invalidations
 
 log = structlog.get_logger("sysdesign.shortener.nearcache")
 
@@ -205,25 +205,8 @@ class NearCache:
             self._listener = asyncio.ensure_future(self._listen())
 
     async def _listen(self) -> None:
-        while not self._stopping:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(INVALIDATION_CHANNEL)
-                # Whatever was published while we were not listening is unknown: start clean.
-                self._clear()
-                while not self._stopping:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg and msg.get("type") == "message":
-                        self.drop(msg["data"].decode())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("invalidation_listener_failed", error=repr(exc))
-                self._clear()
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        await listen_for_invalidations(self.redis, INVALIDATION_CHANNEL, on_message=self.drop, on_reset=self._clear,
+                                       stopping=lambda: self._stopping)
 
     def _clear(self) -> None:
         self.generation += 1

@@ -7,20 +7,24 @@ Redis Cluster: see ``key()``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import DataError
 
 from servers.platform.config import Config
+
+_log = structlog.get_logger("sysdesign.redis")
 
 
 def key(tag: str, *parts: str | int) -> str:
@@ -190,3 +194,34 @@ def redis_url(config: Config) -> str:
     if path.exists():
         return path.read_text().strip()
     raise RuntimeError("no SYSDESIGN_REDIS_URL and no embedded Valkey running (sysdesign up starts one)")
+
+
+async def listen_for_invalidations(redis: aioredis.Redis, channel: str, *,
+                                   on_message: Callable[[str], None],
+                                   on_reset: Callable[[], None],
+                                   stopping: Callable[[], bool]) -> None:
+    """The loop behind every near cache: invalidations published by other processes.
+
+    Each message's text goes to ``on_message``. ``on_reset`` runs whenever
+    the subscription (re)starts or breaks, because whatever was published
+    while nobody listened is unknown: the cache must start clean. Runs until
+    ``stopping()``; a broken connection is retried every second.
+    """
+    while not stopping():
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            on_reset()
+            while not stopping():
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg and msg.get("type") == "message":
+                    on_message(msg["data"].decode())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.warning("invalidation_listener_failed", channel=channel, error=repr(exc))
+            on_reset()
+            await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
