@@ -72,6 +72,17 @@ class UploadPart:
     etag: str
 
 
+def check_parts(parts: Sequence[UploadPart]) -> tuple[list[UploadPart], int]:
+    """The parts in order and the object's size: numbered 1..n and contiguous, or ValueError."""
+    ordered = sorted(parts, key=lambda p: p.part_number)
+    expected = 0
+    for i, p in enumerate(ordered, start=1):
+        if p.part_number != i or p.offset != expected:
+            raise ValueError(f"parts must be numbered 1..n and contiguous (part {p.part_number})")
+        expected += p.size
+    return ordered, expected
+
+
 class BlobStore(abc.ABC):
     # Every part of a multipart upload but the last must hold at least this many bytes.
     min_part_size: int = 1

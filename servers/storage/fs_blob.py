@@ -52,6 +52,7 @@ from servers.storage.blob import (
     UploadNotFound,
     UploadPart,
     check_key,
+    check_parts,
 )
 
 _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -304,12 +305,7 @@ class FilesystemBlobStore(BlobStore):
     def _complete_multipart(self, key: str, upload_id: str,
                             parts: Sequence[UploadPart]) -> BlobAttributes:
         d = self._upload_dir(key, upload_id)
-        ordered = sorted(parts, key=lambda p: p.part_number)
-        expected = 0
-        for i, p in enumerate(ordered, start=1):
-            if p.part_number != i or p.offset != expected:
-                raise ValueError(f"parts must be numbered 1..n and contiguous (part {p.part_number})")
-            expected += p.size
+        ordered, expected = check_parts(parts)
         data = d / "data"
         fd = os.open(data, os.O_WRONLY)
         try:

@@ -31,6 +31,7 @@ from servers.storage.blob import (
     UploadNotFound,
     UploadPart,
     check_key,
+    check_parts,
 )
 
 T = TypeVar("T")
@@ -258,12 +259,7 @@ class S3BlobStore(BlobStore):
         self, key: str, upload_id: str, parts: Sequence[UploadPart]
     ) -> BlobAttributes:
         check_key(key)
-        ordered = sorted(parts, key=lambda p: p.part_number)
-        expected = 0
-        for i, p in enumerate(ordered, start=1):
-            if p.part_number != i or p.offset != expected:
-                raise ValueError(f"parts must be numbered 1..n and contiguous (part {p.part_number})")
-            expected += p.size
+        ordered, expected = check_parts(parts)
         resp = await self._upload_call(
             self._client.complete_multipart_upload, key, upload_id, Bucket=self.bucket, Key=key,
             UploadId=upload_id,
