@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 IMAGE  ?= sysdesign:dev
 
-.PHONY: run test proto lint bench clean install image k8s-check
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
+.PHONY: run test test-sqlite test-cassandra proto lint bench clean install image k8s-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +18,23 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/sysdesign up
+	$(VENV)/bin/sysdesign up $(ARGS)
 
-test: $(STAMP) k8s-check
-	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/k8s
+# Lint, the Kubernetes checks, then every test with a real Apache Cassandra node
+# beside the embedded backends (scripts/cassandra.py starts one from Maven
+# Central's cassandra-all, cached in ~/.m2 after the first run, and stops it
+# after): first the whole suite (its table contract runs on SQLite and on the
+# node), then the integration modules of the systems that keep tables again,
+# every stack on the node. Without Java the Cassandra half is skipped with one
+# line saying why, except under CI=true.
+test: $(STAMP) lint k8s-check
+	$(PY) scripts/cassandra.py run -- $(MAKE) --no-print-directory test-sqlite test-cassandra
+
+test-sqlite: $(STAMP)
+	$(PYTEST) --ignore=tests/k8s
+
+test-cassandra: $(STAMP)
+	$(PYTEST) --tables=cassandra tests/integration
 
 # Render every kustomize overlay offline, validate each object against the
 # Kubernetes schemas and check the deployment policies (no cluster needed).

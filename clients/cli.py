@@ -52,11 +52,52 @@ def _run_stack(services: list[str], *, edge: bool, workers: list[str], grpc_enab
 
 
 @app.command()
-def up() -> None:
+def up(
+    cassandra: Annotated[bool, typer.Option(
+        "--cassandra",
+        help="Keep the tables on a real Apache Cassandra node started under DATA_DIR/cassandra "
+             "(needs Java 17 and, the first time, Maven) instead of SQLite.")] = False,
+) -> None:
     """Run every service, every worker and the HTTP edge in one process on embedded backends."""
     from servers.systems import SYSTEMS, WORKERS
 
-    _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True)
+    config = _config()
+    node_dir = config.cassandra_node_dir
+    if not (cassandra or (not config.cassandra_hosts_from_env and config.cassandra_hosts)):
+        _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True)
+        return
+    if config.cassandra_hosts_from_env:
+        err.print("[red]--cassandra starts a local node: unset SYSDESIGN_CASSANDRA_HOSTS first[/]")
+        raise typer.Exit(2)
+    from clients import cassandra_node
+
+    why = cassandra_node.missing_tools()
+    if why:
+        err.print(f"[red]cannot start Apache Cassandra[/]: {why}")
+        raise typer.Exit(2)
+    started = cassandra_node.read_state(node_dir.resolve()) is None
+    cassandra_node.start(node_dir)
+    try:
+        config = _config()  # now names the node
+        _apply_schema(config)
+        _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True)
+    finally:
+        if started:
+            cassandra_node.stop(node_dir)
+
+
+def _apply_schema(config: Any) -> None:
+    from servers.storage.backends import open_table_store
+    from servers.systems import all_tables
+
+    async def create() -> None:
+        store = open_table_store(config)
+        try:
+            await store.create_tables(all_tables())
+        finally:
+            await store.close()
+
+    asyncio.run(create())
 
 
 @app.command()

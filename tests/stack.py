@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -10,11 +11,43 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Which table adapter the stacks of this test run use: "sqlite" (a file under
+# each stack's data dir) or "cassandra" (a keyspace of its own per data dir on
+# the node that `scripts/cassandra.py run` started; `pytest --tables=cassandra`).
+TABLES_ENV = "SYSDESIGN_TEST_TABLES"
+
+
+def table_engine() -> str:
+    return os.environ.get(TABLES_ENV, "sqlite") or "sqlite"
+
+
+def cassandra_env(data_dir: str) -> dict[str, str]:
+    """The variables that put a stack on the test node, in a keyspace named after its data dir.
+
+    Processes that share a data dir (replicas of one deployment) share the
+    keyspace, as they would share the SQLite file.
+    """
+    hosts = os.environ.get("SYSDESIGN_TEST_CASSANDRA_HOSTS", "")
+    if not hosts:
+        raise RuntimeError("--tables=cassandra needs the test node: run the tests through "
+                           "`scripts/cassandra.py run -- ...` (what `make test` does)")
+    digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return {
+        "SYSDESIGN_CASSANDRA_HOSTS": hosts,
+        "SYSDESIGN_CASSANDRA_PORT": os.environ.get("SYSDESIGN_TEST_CASSANDRA_PORT", "9042"),
+        "SYSDESIGN_CASSANDRA_LOCAL_DC": os.environ.get("SYSDESIGN_TEST_CASSANDRA_LOCAL_DC", ""),
+        "SYSDESIGN_CASSANDRA_KEYSPACE": "t_" + digest,
+    }
+
+
+_MIGRATED: set[str] = set()
 
 
 def free_port() -> int:
@@ -55,11 +88,27 @@ class StackProcess:
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "generated")]),
         })
         env.update(self.extra_env)
+        if table_engine() == "cassandra" and "SYSDESIGN_CASSANDRA_HOSTS" not in self.extra_env:
+            env.update(cassandra_env(env["SYSDESIGN_DATA_DIR"]))
         return env
+
+    def migrate(self) -> None:
+        """On Cassandra the schema is the migration's job (as on Kubernetes): once per keyspace."""
+        env = self.env()
+        keyspace = env.get("SYSDESIGN_CASSANDRA_KEYSPACE", "")
+        if not env.get("SYSDESIGN_CASSANDRA_HOSTS") or keyspace in _MIGRATED:
+            return
+        out = subprocess.run([sys.executable, "-m", "clients.cli", "migrate", "--apply"], env=env,
+                             capture_output=True, cwd=str(ROOT), timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"migrate --apply into {keyspace} failed ({out.returncode}):\n"
+                               f"{out.stdout.decode()[-3000:]}{out.stderr.decode()[-3000:]}")
+        _MIGRATED.add(keyspace)
 
     def start(self, args: list[str] | None = None, timeout: float = 60) -> StackProcess:
         cmd = [sys.executable, "-m", "clients.cli", *(args or ["up"])]
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.migrate()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                      cwd=str(ROOT))
@@ -101,10 +150,55 @@ class StackProcess:
                 self.proc.wait(5)
         return int(self.proc.returncode)
 
+    def config(self, **overrides: Any) -> Any:
+        """The servers' Config as this stack's processes see it (same data dir and engines)."""
+        from servers.platform.config import Config
+
+        env, saved = self.env(), dict(os.environ)
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            return Config(**overrides)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def scan_column(self, table: str, column: str) -> set[object]:
+        """Every value of one column of a whole table, read behind the servers' backs.
+
+        A test-only full scan (the table port has none) to assert what was, or
+        was not, stored: the stack's SQLite file read-only, or its Cassandra
+        keyspace.
+        """
+        env = self.env()
+        if env.get("SYSDESIGN_CASSANDRA_HOSTS"):
+            from cassandra.cluster import Cluster
+
+            cluster = Cluster(env["SYSDESIGN_CASSANDRA_HOSTS"].split(","),
+                              port=int(env["SYSDESIGN_CASSANDRA_PORT"]))
+            try:
+                session = cluster.connect()
+                ks = env["SYSDESIGN_CASSANDRA_KEYSPACE"]
+                return {r[0] for r in session.execute(f"SELECT {column} FROM {ks}.{table}",
+                                                      timeout=30)}
+            finally:
+                cluster.shutdown()
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.data_dir / 'tables.sqlite3'}?mode=ro", uri=True,
+                             timeout=10)
+        try:
+            return {r[0] for r in db.execute(f"SELECT {column} FROM {table}")}
+        finally:
+            db.close()
+
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.grpc_addr)
 
     def token(self, username: str) -> str:
         out = subprocess.run([sys.executable, "-m", "clients.cli", "token", username],
-                             env=self.env(), capture_output=True, check=True, cwd=str(ROOT), timeout=60)
+                             env=self.env(), capture_output=True, cwd=str(ROOT), timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"sysdesign token {username} failed ({out.returncode}):\n"
+                               f"{out.stderr.decode()[-3000:]}")
         return out.stdout.decode().strip()

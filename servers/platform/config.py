@@ -11,7 +11,9 @@ scale-out adapter:
 | SYSDESIGN_METRICS_ADDR           | 127.0.0.1:9464 (empty: off)     |
 | SYSDESIGN_PUBLIC_URL             | http://<HTTP_ADDR>              |
 | SYSDESIGN_REDIS_URL              | embedded Valkey under DATA_DIR  |
-| SYSDESIGN_CASSANDRA_HOSTS        | SQLite file under DATA_DIR      |
+| SYSDESIGN_CASSANDRA_HOSTS        | SQLite file under DATA_DIR (or  |
+|                                  | the local node of `sysdesign up |
+|                                  | --cassandra`, see below)        |
 | SYSDESIGN_CASSANDRA_KEYSPACE     | sysdesign                       |
 | SYSDESIGN_CASSANDRA_PORT         | 9042                            |
 | SYSDESIGN_CASSANDRA_LOCAL_DC     | (driver default)                |
@@ -26,10 +28,16 @@ scale-out adapter:
 | SYSDESIGN_SHUTDOWN_GRACE_SECONDS | 10                              |
 | SYSDESIGN_CACHE_TTL_SECONDS      | 3600                            |
 | SYSDESIGN_TRUSTED_PROXIES        | 127.0.0.1,::1 (X-Forwarded-For) |
+
+A data dir that `sysdesign up --cassandra` has used keeps its tables on that
+local Cassandra node (``DATA_DIR/cassandra/node.json`` names its port): every
+later command with that data dir (``up``, ``token``, ``migrate``) uses the node
+too, so the data never silently splits between two engines.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -43,6 +51,15 @@ def _env(name: str, default: str = "") -> str:
 def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host or "127.0.0.1", int(port)
+
+
+def local_cassandra_node(data_dir: Path) -> dict[str, object] | None:
+    """The local node a data dir's tables live on (``sysdesign up --cassandra``), if any."""
+    try:
+        node = json.loads((data_dir / "cassandra" / "node.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return node if isinstance(node, dict) and isinstance(node.get("native_port"), int) else None
 
 
 @dataclass
@@ -77,6 +94,22 @@ class Config:
     trusted_proxies: list[str] = field(
         default_factory=lambda: [p for p in _env("SYSDESIGN_TRUSTED_PROXIES", "127.0.0.1,::1").split(",") if p]
     )
+
+    def __post_init__(self) -> None:
+        self.cassandra_hosts_from_env = bool(self.cassandra_hosts)
+        if not self.cassandra_hosts:
+            node = local_cassandra_node(self.data_dir)
+            if node is not None:
+                self.cassandra_hosts = ["127.0.0.1"]
+                self.cassandra_port = int(str(node["native_port"]))
+                self.cassandra_local_dc = self.cassandra_local_dc or "datacenter1"
+
+    cassandra_hosts_from_env: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def cassandra_node_dir(self) -> Path:
+        """Where `sysdesign up --cassandra` keeps its local node."""
+        return self.data_dir / "cassandra"
 
     @property
     def grpc_host_port(self) -> tuple[str, int]:

@@ -89,11 +89,6 @@ class Stack:
             if self.grpc_port == 0:
                 raise RuntimeError(f"could not bind gRPC to {host}:{port}")
             await self.server.start()
-            # SERVING only once every backend answers (on Cassandra: once the
-            # schema Job has created the tables), so a Kubernetes readiness
-            # probe holds traffic back until then.
-            self._serving = await self._backends_ok()
-            await self._set_health(self._serving)
             log.info("grpc_listening", addr=f"{host}:{self.grpc_port}", services=self.service_names)
 
         if self.edge:
@@ -104,6 +99,13 @@ class Stack:
             host, port = self.config.http_host_port
             await web.TCPSite(self.runner, host, port, reuse_address=True).start()
             log.info("edge_listening", addr=f"http://{host}:{port}")
+
+        if self.grpc_enabled:
+            # SERVING only once every backend answers (on Cassandra: once the
+            # schema Job has created the tables) and the edge listens too, so a
+            # readiness probe holds traffic back until the whole process is up.
+            self._serving = await self._backends_ok()
+            await self._set_health(self._serving)
 
         for name in self.workers:
             w = systems.WORKERS[name]

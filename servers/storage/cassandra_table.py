@@ -45,6 +45,27 @@ from servers.storage.table import (
 REQUEST_TIMEOUT = 10.0
 SCHEMA_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
+RECONNECT_MAX_DELAY = 5.0
+
+
+def _is_bug(exc: BaseException) -> bool:
+    """A statement the cluster refused as such (bad CQL, unknown table): a bug, not an outage.
+
+    Everything else the driver raises (no host available, timeouts,
+    ``Unavailable``, overloaded, connection errors) becomes ``TableError``,
+    which callers see as ``UNAVAILABLE``: retry later.
+    """
+    from cassandra import InvalidRequest
+    from cassandra.protocol import ConfigurationException, SyntaxException
+
+    if isinstance(exc, SyntaxException | ConfigurationException):
+        return True
+    # A keyspace or table not created yet is the migration's missing step, an
+    # outage of this deployment like any other (health reports it too).
+    text = str(exc).lower()
+    return isinstance(exc, InvalidRequest) and not (
+        "unconfigured table" in text or "does not exist" in text
+    )
 
 
 def cql_schema(
@@ -98,7 +119,11 @@ class CassandraTableStore(TableStore):
         from cassandra import ConsistencyLevel
         from cassandra.auth import PlainTextAuthProvider
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-        from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+        from cassandra.policies import (
+            DCAwareRoundRobinPolicy,
+            ExponentialReconnectionPolicy,
+            TokenAwarePolicy,
+        )
         from cassandra.query import tuple_factory
 
         profile = ExecutionProfile(
@@ -123,6 +148,9 @@ class CassandraTableStore(TableStore):
             auth_provider=auth,
             connect_timeout=CONNECT_TIMEOUT,
             max_schema_agreement_wait=int(SCHEMA_TIMEOUT),
+            # The driver's default backs off to ten minutes between attempts: a
+            # node back after a one-minute outage would stay "down" for minutes.
+            reconnection_policy=ExponentialReconnectionPolicy(0.5, RECONNECT_MAX_DELAY),
         )
         try:
             session = cluster.connect()
@@ -171,6 +199,8 @@ class CassandraTableStore(TableStore):
                 statement, params, timeout=request_timeout or REQUEST_TIMEOUT
             )
         except Exception as exc:
+            if _is_bug(exc):
+                raise
             raise TableError(f"cassandra: {exc}") from exc
 
         # Driver callbacks run on its IO thread (or right away when already done);
@@ -197,6 +227,8 @@ class CassandraTableStore(TableStore):
         except TableError:
             raise
         except Exception as exc:
+            if _is_bug(exc):
+                raise
             raise TableError(f"cassandra: {type(exc).__name__}: {exc}") from exc
 
     async def _prepare(self, key: tuple[str, Any], cql: str) -> Any:

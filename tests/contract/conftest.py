@@ -1,8 +1,10 @@
 """Fixtures of the storage contract suites: every adapter of a port behind one fixture.
 
-- table: SQLite (a file per test) always; Cassandra when
-  ``SYSDESIGN_TEST_CASSANDRA_HOSTS`` is set (a fresh keyspace per run, dropped
-  at the end).
+- table: SQLite (a file per test) always; the real Cassandra node that
+  ``scripts/cassandra.py run`` started for the test run (``make test`` does;
+  or any cluster named by ``SYSDESIGN_TEST_CASSANDRA_HOSTS``), a fresh
+  keyspace per run, dropped at the end. Without a node that half is skipped
+  with the reason, except under ``CI=true``, where it fails.
 - blob: the filesystem (a directory per test) always; S3 always, against a
   moto server run as a separate process for the session (a bucket per test).
 """
@@ -20,6 +22,7 @@ import pytest
 
 from servers.storage.blob import BlobStore
 from servers.storage.table import TableStore
+from tests.conftest import cassandra_unavailable
 from tests.s3server import moto_server
 from tests.stack import free_port
 
@@ -43,7 +46,10 @@ class TableBackend:
 def cassandra_keyspace() -> Iterator[str]:
     hosts = os.environ.get(CASSANDRA_ENV, "")
     if not hosts:
-        pytest.skip(f"Cassandra adapter not tested: set {CASSANDRA_ENV}=host[,host...]")
+        why = cassandra_unavailable()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: the Cassandra half may not be skipped: {why}")
+        pytest.skip(f"Cassandra half skipped: {why}")
     keyspace = "sysdesign_test_" + secrets.token_hex(4)
     yield keyspace
     # Drop the run's keyspace (best effort).

@@ -19,6 +19,8 @@ from tests.integration.helpers import error_reason, expect_error, grpc_metadata,
 from tests.integration.test_chat_support import Device
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 
 def _user(stack: StackProcess, prefix: str) -> tuple[str, str, str]:
     """(username, token, user id) of a fresh user."""

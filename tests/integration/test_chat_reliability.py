@@ -23,6 +23,8 @@ from tests.integration.helpers import grpc_metadata
 from tests.integration.test_chat_support import Device
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 _names = itertools.count(1)
 
 
@@ -43,9 +45,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory,
 async def _users(stack: StackProcess, prefix: str, n: int) -> list[tuple[str, str, str]]:
     """(username, token, user id) for n new users, minted in-process against the shared store."""
     from clients.localauth import mint_token
-    from servers.platform.config import Config
-
-    config = Config(data_dir=stack.data_dir, redis_url="", cassandra_hosts=[], token_secret="")
+    config = stack.config(token_secret="")
     out = []
     for _ in range(n):
         name = f"{prefix}{next(_names)}_{int(time.time() * 1000) % 100000}"

@@ -22,6 +22,8 @@ from sysdesign.feed.v1 import feed_pb2_grpc as pbg
 from tests.integration.helpers import error_reason, expect_error, grpc_metadata, violations
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 FEED_ENV = {
     "SYSDESIGN_FEED_CELEBRITY_THRESHOLD": "3",
     "SYSDESIGN_FEED_TIMELINE_CACHE_SIZE": "10",

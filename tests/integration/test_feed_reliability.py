@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import redis
 from sysdesign.feed.v1 import feed_pb2 as pb
 from sysdesign.feed.v1 import feed_pb2_grpc as pbg
 
 from tests.integration.helpers import grpc_metadata
 from tests.stack import StackProcess
+
+pytestmark = pytest.mark.tables
 
 STREAM = "{q:fanout}"
 
@@ -59,14 +62,13 @@ def home_pages(tl: pbg.TimelineServiceStub, md: Any, page_size: int) -> list[byt
 # --------------------------------------------------------------------------- worker SIGKILL
 
 
-async def _load_followers(data_dir: Path, redis_url: str, author: int, n: int) -> list[int]:
+async def _load_followers(stack: StackProcess, author: int, n: int) -> list[int]:
     from servers.feed.feed import FeedCore
     from servers.feed.generate import load_followers
-    from servers.platform.config import Config
     from servers.platform.runtime import Runtime
     from servers.systems import all_tables
 
-    config = Config(data_dir=data_dir, redis_url=redis_url)
+    config = stack.config()
     rt = await Runtime.open(config, tables=all_tables(), start_embedded=False)
     try:
         return await load_followers(FeedCore.for_runtime(rt), author, n)
@@ -98,7 +100,7 @@ def test_killed_fanout_worker_loses_and_duplicates_nothing(tmp_path: Path) -> No
         posts_stub = pbg.PostServiceStub(ch)
         graph = pbg.GraphServiceStub(ch)
         author_id = int(graph.GetFollowCounts(pb.GetFollowCountsRequest(), metadata=md).user_id)
-        followers = asyncio.run(_load_followers(data, url, author_id, 3000))
+        followers = asyncio.run(_load_followers(server, author_id, 3000))
         assert graph.GetFollowCounts(pb.GetFollowCountsRequest(), metadata=md).follower_count == 3000
 
         posts = [posts_stub.CreatePost(pb.CreatePostRequest(text=f"post {i}"), metadata=md,

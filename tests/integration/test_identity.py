@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from sysdesign.identity.v1 import identity_pb2_grpc as pbg
 from servers.platform.auth import TokenSigner
 from tests.integration.helpers import error_reason, expect_error, grpc_metadata, violations
 from tests.stack import StackProcess
+
+pytestmark = pytest.mark.tables
 
 PASSWORD = "correct horse battery"
 
@@ -38,12 +39,8 @@ def ids(channel: grpc.Channel) -> pbg.IdentityServiceStub:
 
 
 def stored_usernames(stack: StackProcess) -> set[str]:
-    """The usernames table as it is on disk (the stack's own SQLite file, read-only)."""
-    db = sqlite3.connect(f"file:{stack.data_dir / 'tables.sqlite3'}?mode=ro", uri=True, timeout=10)
-    try:
-        return {r[0] for r in db.execute("SELECT username FROM usernames")}
-    finally:
-        db.close()
+    """The usernames table as it is stored (SQLite file or Cassandra keyspace)."""
+    return {str(v) for v in stack.scan_column("usernames", "username")}
 
 
 def register(ids: pbg.IdentityServiceStub, username: str, password: str = PASSWORD) -> pb.User:

@@ -33,6 +33,8 @@ from tests.integration.helpers import (
 )
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 PART = 64 * 1024  # small staging parts, so small files span several
 
 

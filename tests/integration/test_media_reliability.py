@@ -27,6 +27,8 @@ from tests.integration.helpers import grpc_metadata, violations
 from tests.integration.test_media import create, decode_through_edge, http, staging_files
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 PART = 64 * 1024
 
 

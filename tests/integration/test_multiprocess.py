@@ -14,6 +14,8 @@ from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
 from tests.integration.helpers import grpc_metadata
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackProcess, StackProcess]]:

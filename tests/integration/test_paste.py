@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,8 @@ from tests.integration.helpers import (
     violations,
 )
 from tests.stack import StackProcess
+
+pytestmark = pytest.mark.tables
 
 MIB = 1024 * 1024
 
@@ -73,12 +74,8 @@ def blob_files_of(stack: StackProcess, paste_id: str) -> set[Path]:
 
 
 def stored_paste_ids(stack: StackProcess) -> set[str]:
-    """The pastes table as it is on disk (the stack's own SQLite file, read-only)."""
-    db = sqlite3.connect(f"file:{stack.data_dir / 'tables.sqlite3'}?mode=ro", uri=True, timeout=10)
-    try:
-        return {r[0] for r in db.execute("SELECT paste_id FROM pastes")}
-    finally:
-        db.close()
+    """The pastes table as it is stored (SQLite file or Cassandra keyspace)."""
+    return {str(v) for v in stack.scan_column("pastes", "paste_id")}
 
 
 class NothingStored:

@@ -17,6 +17,8 @@ from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
 from tests.integration.helpers import grpc_metadata
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object, **kwargs: object) -> None:

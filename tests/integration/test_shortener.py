@@ -17,6 +17,8 @@ from servers.platform.ids import is_base62
 from tests.integration.helpers import error_reason, grpc_metadata, violations
 from tests.stack import StackProcess
 
+pytestmark = pytest.mark.tables
+
 
 @pytest.fixture(scope="module")
 def stub(stack: StackProcess) -> pbg.ShortenerServiceStub:
