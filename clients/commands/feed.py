@@ -182,7 +182,9 @@ def generate(
     users: Annotated[int, typer.Option(help="How many users.")] = 1000,
     avg_following: Annotated[float, typer.Option(help="Mean follows per user (Pareto).")] = 20.0,
     alpha: Annotated[float, typer.Option(help="Zipf exponent of popularity.")] = 1.0,
-    celebrities: Annotated[int, typer.Option(help="Top users followed by --celebrity-share of everyone.")] = 3,
+    celebrities: Annotated[int, typer.Option(
+        help="Top users followed by --celebrity-share of everyone, topped up with follower-only ids "
+             "to $SYSDESIGN_FEED_CELEBRITY_THRESHOLD when the graph is too small to reach it.")] = 3,
     celebrity_share: Annotated[float, typer.Option(help="Share of users following each top user.")] = 0.3,
     posts_per_user: Annotated[float, typer.Option(help="Mean posts per user (through CreatePost's code).")] = 2.0,
     prefix: Annotated[str, typer.Option(help="Usernames are <prefix><7 digits>.")] = "user",
@@ -208,7 +210,11 @@ def generate(
 
         summary = asyncio.run(_with_core(lambda core: run(core, spec, report)))
     console.print(f"[green]loaded[/] {summary['users']:,} users, {summary['edges']:,} follows, "
-                  f"{summary['posts']:,} posts; {summary['celebrities']} celebrities")
+                  f"{summary['posts']:,} posts; {summary['celebrities']} celebrities "
+                  f"(threshold {summary['threshold']:,} followers)")
+    if summary["padded"]:
+        console.print(f"[dim]{summary['padded']:,} follower-only ids (no account) added so the top "
+                      f"{celebrities} reach the threshold[/]")
     t = RichTable("most followed", "followers")
     for name, n in summary["top"]:
         t.add_row(name, f"{n:,}")
