@@ -27,7 +27,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from clients.common import TokenOpt, UserOpt, _rpc, _token, console, err
+from clients.common import TokenOpt, UserOpt, _rpc, _token, console, err, id_column
 
 chat_app = typer.Typer(help="Chat: an interactive client (two terminals can talk) and one-shot "
                             "commands.", invoke_without_command=True)
@@ -85,7 +85,7 @@ def interactive(
     conversation: ConvOpt = "",
     device: DeviceOpt = "",
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Open an interactive chat (without a subcommand). Type a line to send it; /help lists
     the commands."""
@@ -288,7 +288,7 @@ def send(
                                                         "resending with it stores nothing "
                                                         "new.")] = "",
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Send one message (unary SendMessage) and print its id."""
     from sysdesign.chat.v1 import chat_pb2 as pb
@@ -314,7 +314,7 @@ def history(
     limit: Annotated[int, typer.Option(help="How many messages, newest last.")] = 30,
     before: Annotated[str, typer.Option(help="Only messages before this message id.")] = "",
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Print the latest messages of a conversation (GetHistory, paged backwards)."""
     from sysdesign.chat.v1 import chat_pb2 as pb
@@ -342,7 +342,7 @@ def history(
 
 
 @chat_app.command("conversations")
-def conversations(token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def conversations(token: TokenOpt = None, user: UserOpt = None) -> None:
     """Your conversations with their last message and unread count."""
     from sysdesign.chat.v1 import chat_pb2 as pb
     from sysdesign.chat.v1 import chat_pb2_grpc as pbg
@@ -371,7 +371,8 @@ def conversations(token: TokenOpt = None, user: UserOpt = "demo") -> None:
                 peers[c.conversation_id] = next(
                     (m.username for m in full.members if m.user_id != me), "")
     rows.sort(key=lambda s: -int(s.last_message.message_id or 0))
-    t = RichTable("conversation", "with", "unread", "last message")
+    t = RichTable(id_column("conversation"), id_column("with", min_width=3), "unread",
+                  id_column("last message", min_width=5))
     for s in rows:
         c = s.conversation
         name = c.title + f" ({c.member_count})" if c.type == pb.CONVERSATION_TYPE_GROUP \
@@ -387,7 +388,7 @@ def group(
     members: Annotated[list[str], typer.Argument(help="Usernames to add (at most 499).")],
     title: Annotated[str, typer.Option(help="The group's title.")],
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Create a group with you as its admin; prints its conversation id."""
     from sysdesign.chat.v1 import chat_pb2 as pb
@@ -411,7 +412,7 @@ def attach(
     conversation: ConvOpt = "",
     text: Annotated[str, typer.Option(help="A caption.")] = "",
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Upload a file, send it as a message and print a short-lived download URL."""
     from sysdesign.chat.v1 import chat_pb2 as pb
