@@ -194,3 +194,35 @@ def test_chat_violations_name_the_field_the_request_set(cstack: StackProcess) ->
         assert list(violations(e)) == ["member_usernames"], violations(e)
     r = cli(cstack, "chat", "send", "--to", "chatter", "hi", "--user", "chatter")
     assert_one_line_error(r, "member_usernames")
+
+
+# -- login -----------------------------------------------------------------------
+
+
+def test_login_stores_the_token_that_later_commands_use(cstack: StackProcess, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    r = cli(cstack, "login", "logan", "--register", "--password-stdin", stdin="correct horse\n",
+            config=config)
+    assert r.returncode == 0, r.stderr
+    assert "logged in as logan" in r.stderr
+    stored = config / "sysdesign" / "token"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    token = stored.read_text().strip()
+    r = cli(cstack, "feed", "home", config=config)
+    assert r.returncode == 0, r.stderr
+    assert "home timeline of logan" in r.stdout
+    r = cli(cstack, "feed", "home", "--user", "bob", config=config)  # an explicit --user wins
+    assert "home timeline of bob" in r.stdout, r.stderr
+    r = cli(cstack, "login", "logan", "--password-stdin", stdin="wrong horse\n", config=config)
+    assert_one_line_error(r, "UNAUTHENTICATED", "wrong username or password")
+    assert stored.read_text().strip() == token, "a failed login keeps the stored token"
+    r = cli(cstack, "login", "logan", "--password-stdin", stdin="correct horse\n", config=config)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_token_signed_with_another_secret_says_what_to_do(cstack: StackProcess,
+                                                            tmp_path: Path) -> None:
+    r = cli(cstack, "feed", "home", "--user", "stranger",
+            env={"SYSDESIGN_DATA_DIR": str(tmp_path / "another-data-dir")})
+    assert_one_line_error(r, "UNAUTHENTICATED", "signed with another secret",
+                          str(tmp_path / "another-data-dir"), "sysdesign login")
