@@ -24,6 +24,7 @@ from clients.common import (
     err,
     fail,
     id_from,
+    parse_env,
     store_token,
 )
 
@@ -126,8 +127,7 @@ def worker(name: Annotated[str, typer.Argument(help="Worker to run, e.g. blobgc.
     from servers.systems import WORKERS
 
     if name not in WORKERS:
-        err.print(f"[red]unknown worker {name!r}; choose from {sorted(WORKERS)}")
-        raise typer.Exit(2)
+        fail(f"unknown worker {name!r}; choose from {', '.join(sorted(WORKERS))}", code=2)
     _run_stack([], edge=False, workers=[name])
 
 
@@ -156,7 +156,11 @@ def migrate(
     from servers.systems import all_tables
 
     config = _config()
-    repl = _parse_replication(replication)
+    try:
+        repl = _parse_replication(replication)
+    except ValueError:
+        fail(f"--replication {replication!r}: expected 'SimpleStrategy:N' or "
+             "'NetworkTopologyStrategy:dc1=N,dc2=M'", code=2)
     if not apply:
         sys.stdout.write(cql_schema(all_tables(), config.cassandra_keyspace, repl) + "\n")
         return
@@ -460,7 +464,7 @@ def bench_shortener(
     """URL shortener: resolve, edge redirects, create and 1M-link scale against floors run alongside."""
     from clients.bench.shortener import ShortenerBenchOptions, main
 
-    extra = dict(e.split("=", 1) for e in env or [])
+    extra = parse_env(env)
     raise typer.Exit(main(ShortenerBenchOptions(
         quick=quick, links=links, out_dir=out, workers=workers, keep_data=keep_data,
         scenarios=tuple(_split(scenarios)), extra_env=extra)))

@@ -57,6 +57,17 @@ def fail(message: str, *lines: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def parse_env(pairs: list[str] | None, option: str = "--env") -> dict[str, str]:
+    """KEY=VALUE options as a dict; one line naming the bad one otherwise."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"{option} {pair!r}: expected KEY=VALUE", code=2)
+        out[key] = value
+    return out
+
+
 # -- tokens ------------------------------------------------------------------
 
 

@@ -23,11 +23,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from clients.common import TokenOpt, UserOpt, _rpc, _token, console, err, id_column
+from clients.common import TokenOpt, UserOpt, _rpc, _token, console, err, fail, id_column, rpc_fail
 
 chat_app = typer.Typer(help="Chat: an interactive client (two terminals can talk) and one-shot "
                             "commands.", invoke_without_command=True)
@@ -407,7 +408,8 @@ def group(
 
 @chat_app.command("attach")
 def attach(
-    file: Annotated[Path, typer.Argument(help="The file to send (at most 10 MiB).")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+                                         help="The file to send (at most 10 MiB).")],
     to: ToOpt = "",
     conversation: ConvOpt = "",
     text: Annotated[str, typer.Option(help="A caption.")] = "",
@@ -431,9 +433,10 @@ def attach(
 
     try:
         att = asyncio.run(go())
-    except Exception as e:
-        err.print(f"[red]{e}")
-        raise typer.Exit(1) from e
+    except grpc.RpcError as e:
+        rpc_fail(e)
+    except OSError as e:
+        fail(f"{file}: cannot read it ({e.strerror or e})")
     with channel() as ch:
         stub = pbg.ChatServiceStub(ch)
         msg = _rpc(stub.SendMessage, pb.SendMessageRequest(

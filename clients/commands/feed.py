@@ -27,7 +27,9 @@ from clients.common import (
     caller_name,
     console,
     err,
+    fail,
     id_column,
+    parse_env,
 )
 
 feed_app = typer.Typer(help="News feed: follow people, post, read timelines, generate graphs.",
@@ -199,14 +201,16 @@ def followers(who: Annotated[str, typer.Argument(help="Username or id (default: 
 
 @feed_app.command("generate")
 def generate(
-    users: Annotated[int, typer.Option(help="How many users.")] = 1000,
-    avg_following: Annotated[float, typer.Option(help="Mean follows per user (Pareto).")] = 20.0,
-    alpha: Annotated[float, typer.Option(help="Zipf exponent of popularity.")] = 1.0,
+    users: Annotated[int, typer.Option(min=1, help="How many users.")] = 1000,
+    avg_following: Annotated[float, typer.Option(min=0, help="Mean follows per user (Pareto).")] = 20.0,
+    alpha: Annotated[float, typer.Option(min=0, help="Zipf exponent of popularity.")] = 1.0,
     celebrities: Annotated[int, typer.Option(
-        help="Top users followed by --celebrity-share of everyone, topped up with follower-only ids "
+        min=0, help="Top users followed by --celebrity-share of everyone, topped up with follower-only ids "
              "to $SYSDESIGN_FEED_CELEBRITY_THRESHOLD when the graph is too small to reach it.")] = 3,
-    celebrity_share: Annotated[float, typer.Option(help="Share of users following each top user.")] = 0.3,
-    posts_per_user: Annotated[float, typer.Option(help="Mean posts per user (through CreatePost's code).")] = 2.0,
+    celebrity_share: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of users following each top user.")] = 0.3,
+    posts_per_user: Annotated[float, typer.Option(
+        min=0, help="Mean posts per user (through CreatePost's code).")] = 2.0,
     prefix: Annotated[str, typer.Option(help="Usernames are <prefix><7 digits>.")] = "user",
     seed: int = 1,
 ) -> None:
@@ -228,7 +232,11 @@ def generate(
                 tasks[phase] = progress.add_task(phase, total=total)
             progress.update(tasks[phase], completed=done, total=total)
 
-        summary = asyncio.run(_with_core(lambda core: run(core, spec, report)))
+        try:
+            summary = asyncio.run(_with_core(lambda core: run(core, spec, report)))
+        except RuntimeError as e:  # no Redis to reach: the stack is not running here
+            progress.stop()
+            fail(str(e))
     console.print(f"[green]loaded[/] {summary['users']:,} users, {summary['edges']:,} follows, "
                   f"{summary['posts']:,} posts; {summary['celebrities']} celebrities "
                   f"(threshold {summary['threshold']:,} followers)")
@@ -271,7 +279,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """News feed: home timeline vs echo, fan-out vs raw ZADD, CreatePost cost vs followers."""
         from clients.bench.feed import FeedBenchOptions, main
 
-        extra = dict(e.split("=", 1) for e in env or [])
+        extra = parse_env(env)
         raise typer.Exit(main(FeedBenchOptions(
             quick=quick, scenarios=tuple(_split(scenarios)), out_dir=out, workers=workers,
             max_followers=max_followers, keep_data=keep_data, extra_env=extra)))

@@ -30,7 +30,17 @@ from rich.progress import (
 )
 from rich.table import Table as RichTable
 
-from clients.common import TokenOpt, UserOpt, _rpc, _token, console, err, id_column, rpc_fail
+from clients.common import (
+    TokenOpt,
+    UserOpt,
+    _rpc,
+    _token,
+    console,
+    err,
+    id_column,
+    parse_env,
+    rpc_fail,
+)
 
 media_app = typer.Typer(help="Upload, watch and play videos and images.", no_args_is_help=True)
 
@@ -293,6 +303,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Media: upload throughput vs a raw blob write, transcode vs bare ffmpeg, server RSS."""
         from clients.bench.media import MediaBenchOptions, main
 
-        extra = dict(e.split("=", 1) for e in env or [])
+        extra = parse_env(env)
         raise typer.Exit(main(MediaBenchOptions(quick=quick, out_dir=out, upload_mib=upload_mib,
                                                 keep_data=keep_data, extra_env=extra)))

@@ -97,6 +97,14 @@ def test_usage_errors_are_one_line(cstack: StackProcess) -> None:
         assert_one_line_error(r, "--ttl")
         assert r.stdout == "", "no token is printed"
     assert_one_line_error(cli(cstack, "no-such-command"), "No such command")
+    for args, needle in ((["chat", "attach", "--to", "bob", "/no/such/file"], "/no/such/file"),
+                         (["bench", "shortener", "--env", "FOO"], "KEY=VALUE"),
+                         (["migrate", "--replication", "SimpleStrategy:x"], "--replication"),
+                         (["feed", "generate", "--users", "0"], "--users"),
+                         (["worker", "nosuch"], "unknown worker"),
+                         (["--addr", "nowhere", "resolve", "abcd"], "HOST:PORT")):
+        assert_one_line_error(cli(cstack, *args, "--user", "alice") if args[0] == "chat"
+                              else cli(cstack, *args), needle)
     assert_one_line_error(cli(cstack, "shorten", "https://example.com", "--expire-in", "-5",
                               "--user", "alice"), "--expire-in", "expire_time")
 
