@@ -183,6 +183,8 @@ class ShortenerCore:
         }
         for _attempt in range(8):
             row["code"] = alias or await self.codes.next_code()
+            if not alias and row["code"].lower() in self.route_prefixes:
+                continue  # a generated "healthz" would never be reached either
             if await self.tables.put(SHORT_URLS, row, if_not_exists=True):
                 break
             if alias:
