@@ -7,15 +7,67 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.markup import escape
 from rich.table import Table as RichTable
 
-from clients.common import TokenOpt, UserOpt, _config, _rpc, _split, _token, console, err
+from clients.common import (
+    TokenOpt,
+    UserOpt,
+    _config,
+    _rpc,
+    _split,
+    _token,
+    console,
+    err,
+    fail,
+    id_from,
+    parse_env,
+    store_token,
+)
+
+ENV_HELP = """\b
+Variables the CLI reads (options override them):
+  SYSDESIGN_GRPC_ADDR     gRPC server (--addr), default 127.0.0.1:50051
+  SYSDESIGN_PUBLIC_URL    HTTP edge base URL (--edge)
+  SYSDESIGN_HTTP_ADDR     edge address, default 127.0.0.1:8080
+  SYSDESIGN_TOKEN         bearer token for every command
+  SYSDESIGN_DATA_DIR      data dir `token`/--user mint with, default ./data
+  SYSDESIGN_TOKEN_SECRET  signing secret instead of the data dir's
+  XDG_CONFIG_HOME         `login` token: $XDG_CONFIG_HOME/sysdesign/token
+  XDG_CACHE_HOME          `media upload` resume records
+  SYSDESIGN_CLI_DEBUG     1: tracebacks instead of one-line errors
+Token order: --token, $SYSDESIGN_TOKEN, --user (minted), login, demo.
+Servers (up, serve) read the other SYSDESIGN_* variables (README)."""
 
 app = typer.Typer(help="sysdesign: system-design case studies as runnable gRPC services.",
-                  no_args_is_help=True, add_completion=False)
+                  epilog=ENV_HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+
+@app.callback()
+def global_options(
+    addr: Annotated[str | None, typer.Option(
+        "--addr", envvar="SYSDESIGN_GRPC_ADDR", show_envvar=True, metavar="HOST:PORT",
+        help="The gRPC server to call (and, for up/serve, to listen on).")] = None,
+    edge: Annotated[str | None, typer.Option(
+        "--edge", envvar="SYSDESIGN_PUBLIC_URL", show_envvar=True, metavar="URL",
+        help="The HTTP edge's base URL (short links, pastes).")] = None,
+) -> None:
+    """sysdesign: system-design case studies as runnable gRPC services."""
+    import os
+
+    # One source of truth for every command and library below: the environment.
+    if addr:
+        if ":" not in addr or not addr.rsplit(":", 1)[1].isdigit():
+            fail(f"--addr {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:50051", code=2)
+        os.environ["SYSDESIGN_GRPC_ADDR"] = addr
+    if edge:
+        if not edge.startswith(("http://", "https://")):
+            fail(f"--edge {edge!r}: expected an http(s) URL, e.g. http://127.0.0.1:8080", code=2)
+        os.environ["SYSDESIGN_PUBLIC_URL"] = edge.rstrip("/")
 paste_app = typer.Typer(help="Create and read pastes.", no_args_is_help=True)
 app.add_typer(paste_app, name="paste")
 
@@ -116,8 +168,7 @@ def worker(name: Annotated[str, typer.Argument(help="Worker to run, e.g. blobgc.
     from servers.systems import WORKERS
 
     if name not in WORKERS:
-        err.print(f"[red]unknown worker {name!r}; choose from {sorted(WORKERS)}")
-        raise typer.Exit(2)
+        fail(f"unknown worker {name!r}; choose from {', '.join(sorted(WORKERS))}", code=2)
     _run_stack([], edge=False, workers=[name])
 
 
@@ -146,7 +197,11 @@ def migrate(
     from servers.systems import all_tables
 
     config = _config()
-    repl = _parse_replication(replication)
+    try:
+        repl = _parse_replication(replication)
+    except ValueError:
+        fail(f"--replication {replication!r}: expected 'SimpleStrategy:N' or "
+             "'NetworkTopologyStrategy:dc1=N,dc2=M'", code=2)
     if not apply:
         sys.stdout.write(cql_schema(all_tables(), config.cassandra_keyspace, repl) + "\n")
         return
@@ -210,19 +265,21 @@ def _parse_replication(spec: str) -> dict[str, Any] | None:
 @app.command()
 def token(
     username: Annotated[str, typer.Argument(help="The user; registered first if missing.")],
-    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+    ttl: Annotated[int, typer.Option(min=1, help="Lifetime in seconds (at least 1).")] = 3600,
     no_create: Annotated[bool, typer.Option("--no-create", help="Fail if the user does not exist.")] = False,
 ) -> None:
-    """Mint a bearer token with the server's secret (for grpcurl: -H 'authorization: Bearer …')."""
+    """Mint a bearer token with the local data dir's secret (a developer shortcut for grpcurl:
+    -H 'authorization: Bearer …'; `sysdesign login` is the normal way)."""
     from clients.localauth import mint_token
     from servers.platform.errors import InvalidArgument
 
     try:
         tok, exp, uid, created = asyncio.run(mint_token(_config(), username, create=not no_create,
                                                         ttl_seconds=ttl))
-    except (LookupError, InvalidArgument) as e:
-        err.print(f"[red]{e}")
-        raise typer.Exit(1) from e
+    except LookupError as e:
+        fail(str(e))
+    except InvalidArgument as e:
+        fail(e.message)
     if created:
         err.print(f"registered user {username} (id {uid})")
     err.print(f"token for {username} (id {uid}), valid until "
@@ -232,18 +289,35 @@ def token(
 
 # -- client commands ---------------------------------------------------------
 
+def _expire_time(expire_in: int | None) -> Any:
+    """The request's expire_time for --expire-in N seconds (None: never expires)."""
+    if expire_in is None or expire_in == 0:
+        return None
+    if expire_in < 0:
+        fail(f"--expire-in {expire_in}: must be a positive number of seconds "
+             "(it sets the request's expire_time to now + N)", code=2)
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    ts = Timestamp()
+    ts.FromMilliseconds(int((time.time() + expire_in) * 1000))
+    return ts
+
+
+ExpireOpt = Annotated[int | None, typer.Option(
+    help="Expire after this many seconds (sets the request's expire_time; default: never).")]
+
+
 @app.command()
 def shorten(
     long_url: str,
-    alias: Annotated[str, typer.Option(help="Custom alias (4-32 Base62 characters).")] = "",
-    expire_in: Annotated[int, typer.Option(help="Expire after this many seconds (0: never).")] = 0,
+    alias: Annotated[str, typer.Option(help="Custom alias (4-32 Base62 characters; sets custom_alias).")] = "",
+    expire_in: ExpireOpt = None,
     max_visits: Annotated[int, typer.Option(help="Stop redirecting after this many visits.")] = 0,
     permanent: Annotated[bool, typer.Option(help="301 instead of 302.")] = False,
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Create a short link."""
-    from google.protobuf.timestamp_pb2 import Timestamp
     from sysdesign.shortener.v1 import shortener_pb2 as pb
     from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
 
@@ -252,17 +326,21 @@ def shorten(
     req = pb.CreateShortUrlRequest(long_url=long_url, custom_alias=alias, max_visits=max_visits,
                                    redirect_type=pb.REDIRECT_TYPE_PERMANENT if permanent
                                    else pb.REDIRECT_TYPE_FOUND)
-    if expire_in:
-        ts = Timestamp()
-        ts.FromMilliseconds(int((time.time() + expire_in) * 1000))
-        req.expire_time.CopyFrom(ts)
+    expire = _expire_time(expire_in)
+    if expire is not None:
+        req.expire_time.CopyFrom(expire)
     with channel() as ch:
-        resp = _rpc(pbg.ShortenerServiceStub(ch).CreateShortUrl, req, metadata=bearer(_token(token, user)))
+        resp = _rpc(pbg.ShortenerServiceStub(ch).CreateShortUrl, req, metadata=bearer(_token(token, user)),
+                    flags={"expire_time": "--expire-in", "custom_alias": "--alias",
+                           "max_visits": "--max-visits", "redirect_type": "--permanent"})
     print(resp.short_url.short_url)
 
 
+CodeArg = Annotated[str, typer.Argument(help="The code, or the short URL `shorten` printed.")]
+
+
 @app.command()
-def resolve(code: str) -> None:
+def resolve(code: CodeArg) -> None:
     """Resolve a code to its long URL (counts a click)."""
     from sysdesign.shortener.v1 import shortener_pb2 as pb
     from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
@@ -270,22 +348,25 @@ def resolve(code: str) -> None:
     from clients.sdk import channel
 
     with channel() as ch:
-        resp = _rpc(pbg.ShortenerServiceStub(ch).ResolveShortUrl, pb.ResolveShortUrlRequest(code=code))
+        resp = _rpc(pbg.ShortenerServiceStub(ch).ResolveShortUrl,
+                    pb.ResolveShortUrlRequest(code=id_from(code)))
     print(resp.long_url)
     err.print(f"{pb.RedirectType.Name(resp.redirect_type)}, visit {resp.visit_count}")
 
 
 @app.command()
-def stats(code: str, days: int = 7, token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def stats(code: CodeArg, days: int = 7, token: TokenOpt = None, user: UserOpt = None) -> None:
     """Click analytics of one of your links."""
     from sysdesign.shortener.v1 import shortener_pb2 as pb
     from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
 
     from clients.sdk import bearer, channel
 
+    code = id_from(code)
     with channel() as ch:
         s = _rpc(pbg.ShortenerServiceStub(ch).GetShortUrlStats,
-                 pb.GetShortUrlStatsRequest(code=code, days=days), metadata=bearer(_token(token, user)))
+                 pb.GetShortUrlStatsRequest(code=code, days=days), metadata=bearer(_token(token, user)),
+                 flags={"days": "--days"})
     console.print(f"[bold]{code}[/]: {s.total_clicks} clicks, ~{s.unique_visitors} unique visitors")
     t = RichTable("day", "clicks", "")
     peak = max([d.clicks for d in s.daily_clicks] + [1])
@@ -298,37 +379,62 @@ def stats(code: str, days: int = 7, token: TokenOpt = None, user: UserOpt = "dem
     console.print(r)
 
 
+def _read_text(file: Path) -> str:
+    """The file's text, or one line saying why it cannot be a paste."""
+    if str(file) == "-":
+        data = sys.stdin.buffer.read()
+        name = "standard input"
+    else:
+        name = str(file)
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            fail(f"{name}: no such file", code=2)
+        except IsADirectoryError:
+            fail(f"{name}: is a directory, not a file", code=2)
+        except OSError as e:
+            fail(f"{name}: cannot read it ({e.strerror or e})", code=2)
+    if b"\x00" in data:
+        fail(f"{name}: is a binary file (it contains NUL bytes); a paste holds UTF-8 text", code=2)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{name}: is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+             "a paste holds UTF-8 text", code=2)
+
+
 @paste_app.command("create")
 def paste_create(
-    file: Annotated[Path, typer.Argument(help="A text file, or - for standard input.")],
+    file: Annotated[Path, typer.Argument(help="A UTF-8 text file, or - for standard input.")],
     title: str = "",
     language: str = "",
-    expire_in: int = 0,
+    expire_in: ExpireOpt = None,
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Store a paste and print its raw URL."""
-    from google.protobuf.timestamp_pb2 import Timestamp
     from sysdesign.shortener.v1 import shortener_pb2 as pb
     from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
 
     from clients.sdk import bearer, channel
 
-    text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    text = _read_text(file)
     req = pb.CreatePasteRequest(content=text, title=title or (file.name if str(file) != "-" else ""),
                                 language=language)
-    if expire_in:
-        ts = Timestamp()
-        ts.FromMilliseconds(int((time.time() + expire_in) * 1000))
-        req.expire_time.CopyFrom(ts)
+    expire = _expire_time(expire_in)
+    if expire is not None:
+        req.expire_time.CopyFrom(expire)
     with channel() as ch:
-        resp = _rpc(pbg.PasteServiceStub(ch).CreatePaste, req, metadata=bearer(_token(token, user)))
+        resp = _rpc(pbg.PasteServiceStub(ch).CreatePaste, req, metadata=bearer(_token(token, user)),
+                    flags={"expire_time": "--expire-in", "title": "--title", "language": "--language",
+                           "content": "FILE"})
     err.print(f"paste {resp.paste.paste_id}, {resp.paste.size_bytes} bytes")
     print(resp.paste.raw_url)
 
 
 @paste_app.command("get")
-def paste_get(paste_id: str) -> None:
+def paste_get(paste_id: Annotated[str, typer.Argument(
+        help="The paste id, or the raw URL `paste create` printed.")]) -> None:
     """Print a paste's text."""
     from sysdesign.shortener.v1 import shortener_pb2 as pb
     from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
@@ -336,8 +442,49 @@ def paste_get(paste_id: str) -> None:
     from clients.sdk import channel
 
     with channel() as ch:
-        resp = _rpc(pbg.PasteServiceStub(ch).GetPaste, pb.GetPasteRequest(paste_id=paste_id))
+        resp = _rpc(pbg.PasteServiceStub(ch).GetPaste,
+                    pb.GetPasteRequest(paste_id=id_from(paste_id, prefix="p", what="paste id")))
     sys.stdout.write(resp.paste.content)
+
+
+@app.command()
+def login(
+    username: Annotated[str, typer.Argument(help="Your username.")],
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Read the password from standard input instead of prompting.")] = False,
+    register: Annotated[bool, typer.Option(
+        "--register", help="Create the user first (RegisterUser), then log in.")] = False,
+) -> None:
+    """Log in with IdentityService and keep the token for the other commands.
+
+    The token goes to $XDG_CONFIG_HOME/sysdesign/token (default ~/.config),
+    readable by you only; commands use it when neither --token, $SYSDESIGN_TOKEN
+    nor --user is given.
+    """
+    from sysdesign.identity.v1 import identity_pb2 as ipb
+    from sysdesign.identity.v1 import identity_pb2_grpc as ipbg
+
+    from clients.sdk import channel, grpc_target
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        try:
+            password = getpass.getpass(f"password for {username} at {grpc_target()}: ")
+        except EOFError:
+            fail("no password given (use --password-stdin to pipe one)", code=2)
+    with channel() as ch:
+        stub = ipbg.IdentityServiceStub(ch)
+        if register:
+            _rpc(stub.RegisterUser, ipb.RegisterUserRequest(username=username, password=password))
+            err.print(f"registered {username}")
+        resp = _rpc(stub.Login, ipb.LoginRequest(username=username, password=password))
+    path = store_token(resp.access_token)
+    err.print(f"logged in as {resp.user.username} (id {resp.user.user_id}) at {grpc_target()}, "
+              f"until {resp.expire_time.ToDatetime(tzinfo=UTC).isoformat(timespec='seconds')}; "
+              f"token stored in {path}")
 
 
 bench_app = typer.Typer(help="Open-loop benchmarks against floors measured in the same run.",
@@ -358,7 +505,7 @@ def bench_shortener(
     """URL shortener: resolve, edge redirects, create and 1M-link scale against floors run alongside."""
     from clients.bench.shortener import ShortenerBenchOptions, main
 
-    extra = dict(e.split("=", 1) for e in env or [])
+    extra = parse_env(env)
     raise typer.Exit(main(ShortenerBenchOptions(
         quick=quick, links=links, out_dir=out, workers=workers, keep_data=keep_data,
         scenarios=tuple(_split(scenarios)), extra_env=extra)))
@@ -378,5 +525,49 @@ def _load_command_modules() -> None:
 _load_command_modules()
 
 
+def _one_line(message: str, code: int) -> NoReturn:
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `sysdesign` entry point: usage errors and failures in one line, never a traceback."""
+    import grpc
+
+    from clients.common import rpc_error_lines
+
+    try:
+        rv = app(args=argv, prog_name="sysdesign", standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        raise SystemExit(130) from None
+    except grpc.RpcError as e:  # one that a command did not catch itself
+        line, extra = rpc_error_lines(e)
+        err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
+        for x in extra:
+            err.print(f"  {escape(x)}", soft_wrap=True, highlight=False)
+        raise SystemExit(1) from None
+    except (OSError, UnicodeError) as e:
+        _one_line(f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e), 1)
+    except Exception as e:
+        # click's (or typer's vendored click's) usage errors: same attributes either way.
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            if type(e).__name__ == "NoArgsIsHelpError":  # `sysdesign`, `sysdesign feed`: the help
+                e.show()  # type: ignore[attr-defined]
+                raise SystemExit(0) from None
+            ctx = getattr(e, "ctx", None)
+            if ctx is not None:
+                where = ctx.command_path
+                _one_line(f"{where}: {e.format_message()} (see {where} --help)", int(e.exit_code))
+            _one_line(e.format_message(), int(e.exit_code))
+        import os
+
+        if os.environ.get("SYSDESIGN_CLI_DEBUG"):
+            raise
+        _one_line(f"unexpected {type(e).__name__}: {e} (a bug: SYSDESIGN_CLI_DEBUG=1 shows the "
+                  "traceback)", 1)
+    raise SystemExit(rv if isinstance(rv, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -17,7 +17,20 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table as RichTable
 
-from clients.common import TokenOpt, UserOpt, _config, _rpc, _split, _token, console, err
+from clients.common import (
+    TokenOpt,
+    UserOpt,
+    _config,
+    _rpc,
+    _split,
+    _token,
+    caller_name,
+    console,
+    err,
+    fail,
+    id_column,
+    parse_env,
+)
 
 feed_app = typer.Typer(help="News feed: follow people, post, read timelines, generate graphs.",
                        no_args_is_help=True)
@@ -41,10 +54,11 @@ def _ref(pb: Any, who: str) -> Any:
 
 def _show(posts: Any, next_token: str, title: str) -> None:
     t = RichTable(title=title, title_justify="left", show_lines=False)
-    t.add_column("post id", style="dim")
-    t.add_column("author")
+    # Ids, names and URLs fold rather than end in "…": a cut id cannot be copied.
+    t.add_column("post id", style="dim", overflow="fold", min_width=19)
+    t.add_column("author", overflow="fold")
     t.add_column("when", style="dim")
-    t.add_column("text")
+    t.add_column("text", overflow="fold")
     t.add_column("♥ ↩ ⟳", justify="right")
     for p in posts:
         text = p.text
@@ -68,7 +82,7 @@ def post(
     reply_to: Annotated[str, typer.Option(help="Post id this one replies to.")] = "",
     repost_of: Annotated[str, typer.Option(help="Post id this one reposts.")] = "",
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Publish a post (at most 280 characters); prints its id."""
     pb, _, posts, _ = _stubs()
@@ -82,15 +96,20 @@ def post(
     print(resp.post.post_id)
 
 
-def _md(token: str | None, user: str) -> Any:
+def _md(token: str | None, user: str | None) -> Any:
     from clients.sdk import bearer
 
     return bearer(_token(token, user))
 
 
+def _me(md: Any) -> str:
+    """The caller as the server names them (not --user: $SYSDESIGN_TOKEN or --token may differ)."""
+    return caller_name(md[0][1].removeprefix("Bearer "))
+
+
 @feed_app.command("follow")
 def follow(who: Annotated[str, typer.Argument(help="Username or user id.")],
-           token: TokenOpt = None, user: UserOpt = "demo") -> None:
+           token: TokenOpt = None, user: UserOpt = None) -> None:
     """Follow a user (their recent posts are copied into your home timeline)."""
     pb, graph, _, _ = _stubs()
     resp = _rpc(graph.FollowUser, pb.FollowUserRequest(user=_ref(pb, who)), metadata=_md(token, user))
@@ -98,7 +117,7 @@ def follow(who: Annotated[str, typer.Argument(help="Username or user id.")],
 
 
 @feed_app.command("unfollow")
-def unfollow(who: Annotated[str, typer.Argument(help="Username or user id.")], token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def unfollow(who: Annotated[str, typer.Argument(help="Username or user id.")], token: TokenOpt = None, user: UserOpt = None) -> None:
     """Unfollow a user (their posts leave your home timeline)."""
     pb, graph, _, _ = _stubs()
     resp = _rpc(graph.UnfollowUser, pb.UnfollowUserRequest(user=_ref(pb, who)),
@@ -108,30 +127,33 @@ def unfollow(who: Annotated[str, typer.Argument(help="Username or user id.")], t
 
 @feed_app.command("home")
 def home(page_size: int = 20, page_token: str = "", token: TokenOpt = None,
-         user: UserOpt = "demo") -> None:
+         user: UserOpt = None) -> None:
     """Your home timeline, newest first."""
     pb, _, _, tl = _stubs()
+    md = _md(token, user)
     resp = _rpc(tl.GetHomeTimeline, pb.GetHomeTimelineRequest(page_size=page_size,
                                                               page_token=page_token),
-                metadata=_md(token, user))
-    _show(resp.posts, resp.next_page_token, f"home timeline of {user}")
+                metadata=md)
+    _show(resp.posts, resp.next_page_token, f"home timeline of {_me(md)}")
 
 
 @feed_app.command("user")
 def user_timeline(who: Annotated[str, typer.Argument(help="Username or id (default: you).")] = "",
                   page_size: int = 20, page_token: str = "", token: TokenOpt = None,
-                  user: UserOpt = "demo") -> None:
+                  user: UserOpt = None) -> None:
     """One user's posts, newest first."""
     pb, _, _, tl = _stubs()
+    md = _md(token, user)
     resp = _rpc(tl.GetUserTimeline, pb.GetUserTimelineRequest(user=_ref(pb, who), page_size=page_size,
                                                               page_token=page_token),
-                metadata=_md(token, user))
-    _show(resp.posts, resp.next_page_token, f"posts of {who or user}")
+                metadata=md)
+    name = resp.posts[0].author_username if resp.posts else (who.lstrip("@") if who else _me(md))
+    _show(resp.posts, resp.next_page_token, f"posts of {name}")
 
 
 @feed_app.command("like")
 def like(post_id: str, undo: Annotated[bool, typer.Option("--undo", help="Unlike.")] = False,
-         token: TokenOpt = None, user: UserOpt = "demo") -> None:
+         token: TokenOpt = None, user: UserOpt = None) -> None:
     """Like (or with --undo, unlike) a post."""
     pb, _, posts, _ = _stubs()
     if undo:
@@ -142,7 +164,7 @@ def like(post_id: str, undo: Annotated[bool, typer.Option("--undo", help="Unlike
 
 
 @feed_app.command("delete")
-def delete(post_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def delete(post_id: str, token: TokenOpt = None, user: UserOpt = None) -> None:
     """Delete one of your posts."""
     pb, _, posts, _ = _stubs()
     _rpc(posts.DeletePost, pb.DeletePostRequest(post_id=post_id), metadata=_md(token, user))
@@ -153,7 +175,7 @@ def delete(post_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> None
 def followers(who: Annotated[str, typer.Argument(help="Username or id (default: you).")] = "",
               page_size: int = 100, page_token: str = "",
               following: Annotated[bool, typer.Option(help="List whom they follow instead.")] = False,
-              token: TokenOpt = None, user: UserOpt = "demo") -> None:
+              token: TokenOpt = None, user: UserOpt = None) -> None:
     """A user's followers (or, with --following, whom they follow) and counts."""
     pb, graph, _, _ = _stubs()
     md = _md(token, user)
@@ -166,10 +188,10 @@ def followers(who: Annotated[str, typer.Argument(help="Username or id (default: 
         resp = _rpc(graph.ListFollowers, pb.ListFollowersRequest(
             user=_ref(pb, who), page_size=page_size, page_token=page_token), metadata=md)
         edges = resp.followers
-    console.print(f"[bold]{who or user}[/]: {counts.follower_count} followers, "
+    console.print(f"[bold]{who or _me(md)}[/]: {counts.follower_count} followers, "
                   f"{counts.following_count} following"
                   + (" [yellow](celebrity: posts pulled at read time)[/]" if counts.celebrity else ""))
-    t = RichTable("user id", "username", "since")
+    t = RichTable(id_column("user id"), id_column("username", min_width=3), "since")
     for e in edges:
         t.add_row(e.user_id, e.username, e.follow_time.ToDatetime().isoformat(timespec="seconds"))
     console.print(t)
@@ -179,12 +201,16 @@ def followers(who: Annotated[str, typer.Argument(help="Username or id (default: 
 
 @feed_app.command("generate")
 def generate(
-    users: Annotated[int, typer.Option(help="How many users.")] = 1000,
-    avg_following: Annotated[float, typer.Option(help="Mean follows per user (Pareto).")] = 20.0,
-    alpha: Annotated[float, typer.Option(help="Zipf exponent of popularity.")] = 1.0,
-    celebrities: Annotated[int, typer.Option(help="Top users followed by --celebrity-share of everyone.")] = 3,
-    celebrity_share: Annotated[float, typer.Option(help="Share of users following each top user.")] = 0.3,
-    posts_per_user: Annotated[float, typer.Option(help="Mean posts per user (through CreatePost's code).")] = 2.0,
+    users: Annotated[int, typer.Option(min=1, help="How many users.")] = 1000,
+    avg_following: Annotated[float, typer.Option(min=0, help="Mean follows per user (Pareto).")] = 20.0,
+    alpha: Annotated[float, typer.Option(min=0, help="Zipf exponent of popularity.")] = 1.0,
+    celebrities: Annotated[int, typer.Option(
+        min=0, help="Top users followed by --celebrity-share of everyone, topped up with follower-only ids "
+             "to $SYSDESIGN_FEED_CELEBRITY_THRESHOLD when the graph is too small to reach it.")] = 3,
+    celebrity_share: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of users following each top user.")] = 0.3,
+    posts_per_user: Annotated[float, typer.Option(
+        min=0, help="Mean posts per user (through CreatePost's code).")] = 2.0,
     prefix: Annotated[str, typer.Option(help="Usernames are <prefix><7 digits>.")] = "user",
     seed: int = 1,
 ) -> None:
@@ -206,9 +232,17 @@ def generate(
                 tasks[phase] = progress.add_task(phase, total=total)
             progress.update(tasks[phase], completed=done, total=total)
 
-        summary = asyncio.run(_with_core(lambda core: run(core, spec, report)))
+        try:
+            summary = asyncio.run(_with_core(lambda core: run(core, spec, report)))
+        except RuntimeError as e:  # no Redis to reach: the stack is not running here
+            progress.stop()
+            fail(str(e))
     console.print(f"[green]loaded[/] {summary['users']:,} users, {summary['edges']:,} follows, "
-                  f"{summary['posts']:,} posts; {summary['celebrities']} celebrities")
+                  f"{summary['posts']:,} posts; {summary['celebrities']} celebrities "
+                  f"(threshold {summary['threshold']:,} followers)")
+    if summary["padded"]:
+        console.print(f"[dim]{summary['padded']:,} follower-only ids (no account) added so the top "
+                      f"{celebrities} reach the threshold[/]")
     t = RichTable("most followed", "followers")
     for name, n in summary["top"]:
         t.add_row(name, f"{n:,}")
@@ -245,7 +279,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """News feed: home timeline vs echo, fan-out vs raw ZADD, CreatePost cost vs followers."""
         from clients.bench.feed import FeedBenchOptions, main
 
-        extra = dict(e.split("=", 1) for e in env or [])
+        extra = parse_env(env)
         raise typer.Exit(main(FeedBenchOptions(
             quick=quick, scenarios=tuple(_split(scenarios)), out_dir=out, workers=workers,
             max_followers=max_followers, keep_data=keep_data, extra_env=extra)))

@@ -30,7 +30,17 @@ from rich.progress import (
 )
 from rich.table import Table as RichTable
 
-from clients.common import TokenOpt, UserOpt, _rpc, _token, console, err
+from clients.common import (
+    TokenOpt,
+    UserOpt,
+    _rpc,
+    _token,
+    console,
+    err,
+    id_column,
+    parse_env,
+    rpc_fail,
+)
 
 media_app = typer.Typer(help="Upload, watch and play videos and images.", no_args_is_help=True)
 
@@ -135,7 +145,7 @@ def upload_cmd(
     chunk_size: Annotated[int, typer.Option(help="Bytes per message.")] = CHUNK,
     limit_rate: Annotated[int, typer.Option(help="At most this many bytes per second (0: no limit).")] = 0,
     token: TokenOpt = None,
-    user: UserOpt = "demo",
+    user: UserOpt = None,
 ) -> None:
     """Upload FILE with a progress bar; rerun the same command to resume an interrupted upload."""
     from sysdesign.media.v1 import media_pb2 as pb
@@ -179,7 +189,7 @@ def upload_cmd(
         except grpc.RpcError as e:
             if e.code() not in RETRYABLE:  # type: ignore[attr-defined]
                 record.unlink(missing_ok=True)  # refused: the server removed it
-            _rpc(_raise, e)
+            rpc_fail(e)
         record.unlink(missing_ok=True)
     err.print(f"uploaded {file.name}: media {upload.media_id} ({STATE_NAMES.get(upload.state, upload.state)})")
     print(upload.media_id)
@@ -187,12 +197,8 @@ def upload_cmd(
         watch_cmd(upload.media_id, token=token, user=user)
 
 
-def _raise(e: grpc.RpcError, **_: Any) -> None:
-    raise e
-
-
 @media_app.command("watch")
-def watch_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def watch_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = None) -> None:
     """Follow a media item's processing until READY or FAILED."""
     from sysdesign.media.v1 import media_pb2 as pb
     from sysdesign.media.v1 import media_pb2_grpc as pbg
@@ -212,7 +218,7 @@ def watch_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> 
                                 else 100, description=STATE_NAMES.get(last.state, "?").lower())
         except grpc.RpcError as e:
             progress.stop()
-            _rpc(_raise, e)
+            rpc_fail(e)
     if last is None:
         raise typer.Exit(1)
     if last.state == pb.MEDIA_STATE_FAILED:
@@ -223,7 +229,7 @@ def watch_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> 
 
 
 @media_app.command("get")
-def get_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def get_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = None) -> None:
     """Metadata and the playback URL (open it in ffplay, VLC or a browser HLS player)."""
     from sysdesign.media.v1 import media_pb2 as pb
     from sysdesign.media.v1 import media_pb2_grpc as pbg
@@ -233,7 +239,8 @@ def get_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> No
     with channel() as ch:
         m = _rpc(pbg.MediaServiceStub(ch).GetMedia, pb.GetMediaRequest(media_id=media_id),
                  metadata=bearer(_token(token, user))).media
-    t = RichTable(show_header=False, title=f"media {m.media_id}", title_justify="left")
+    t = RichTable("", id_column("", min_width=1), show_header=False, title=f"media {m.media_id}",
+                  title_justify="left")
     t.add_row("file", f"{m.filename} ({m.content_type}, {m.size_bytes:,} bytes)")
     t.add_row("state", STATE_NAMES.get(m.state, "?") + (f" {m.progress_percent}%" if m.state == 2 else "")
               + (f": {m.failure_reason}" if m.failure_reason else ""))
@@ -252,7 +259,7 @@ def get_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> No
 
 
 @media_app.command("list")
-def list_cmd(page_size: int = 20, token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def list_cmd(page_size: int = 20, token: TokenOpt = None, user: UserOpt = None) -> None:
     """Your media, newest first."""
     from sysdesign.media.v1 import media_pb2 as pb
     from sysdesign.media.v1 import media_pb2_grpc as pbg
@@ -262,14 +269,14 @@ def list_cmd(page_size: int = 20, token: TokenOpt = None, user: UserOpt = "demo"
     with channel() as ch:
         resp = _rpc(pbg.MediaServiceStub(ch).ListMedia, pb.ListMediaRequest(page_size=page_size),
                     metadata=bearer(_token(token, user)))
-    t = RichTable("id", "file", "state", "size")
+    t = RichTable(id_column("id"), id_column("file", min_width=4), "state", "size")
     for m in resp.media:
         t.add_row(m.media_id, m.filename, STATE_NAMES.get(m.state, "?"), f"{m.size_bytes:,}")
     console.print(t)
 
 
 @media_app.command("delete")
-def delete_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = "demo") -> None:
+def delete_cmd(media_id: str, token: TokenOpt = None, user: UserOpt = None) -> None:
     """Delete one of your media items and every rendition."""
     from sysdesign.media.v1 import media_pb2 as pb
     from sysdesign.media.v1 import media_pb2_grpc as pbg
@@ -296,6 +303,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Media: upload throughput vs a raw blob write, transcode vs bare ffmpeg, server RSS."""
         from clients.bench.media import MediaBenchOptions, main
 
-        extra = dict(e.split("=", 1) for e in env or [])
+        extra = parse_env(env)
         raise typer.Exit(main(MediaBenchOptions(quick=quick, out_dir=out, upload_mib=upload_mib,
                                                 keep_data=keep_data, extra_env=extra)))

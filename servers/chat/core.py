@@ -187,6 +187,11 @@ def decode_token(token: str, field: str = "page_token") -> int:
         raise InvalidArgument([(field, "is not a token from a previous response")]) from exc
 
 
+def members_field(ids: list[str], usernames: list[str]) -> str:
+    """The request field a violation about the member list names: the one the caller set."""
+    return "member_usernames" if usernames and not ids else "member_ids"
+
+
 class ChatCore:
     """Domain logic shared by the servicer, the session hub and the edge route."""
 
@@ -278,7 +283,7 @@ class ChatCore:
         out: dict[int, str] = {}
         ids, usernames = list(ids), list(usernames)
         if len(ids) + len(usernames) > 1000:
-            v.add("member_ids", "at most 1000 users per call")
+            v.add(members_field(ids, usernames), "at most 1000 users per call")
             return out
         for i, raw in enumerate(ids):
             if len(v.items) >= 20:  # enough to fix the request; keeps the status small
@@ -321,23 +326,24 @@ class ChatCore:
         if kind not in (DIRECT, GROUP):
             v.add("type", "must be CONVERSATION_TYPE_DIRECT or CONVERSATION_TYPE_GROUP")
         n_given = len(member_ids) + len(member_usernames)
+        field = members_field(member_ids, member_usernames)
         if kind == DIRECT:
             if n_given != 1:
-                v.add("member_ids", "a direct conversation takes exactly one other user")
+                v.add(field, "a direct conversation takes exactly one other user")
             if title:
                 v.add("title", "only groups have a title")
         elif kind == GROUP:
             val.check_title(title, v)
             if n_given + 1 > val.MAX_GROUP_MEMBERS:
-                v.add("member_ids", f"a group holds at most {val.MAX_GROUP_MEMBERS} members, "
+                v.add(field, f"a group holds at most {val.MAX_GROUP_MEMBERS} members, "
                                     f"you included (got {n_given} others)")
         v.raise_if_any()
         others = await self.resolve_users(member_ids, member_usernames, v)
         others.pop(caller_id, None)
         if kind == DIRECT and not v and not others:
-            v.add("member_ids", "must name another user than yourself")
+            v.add(field, "must name another user than yourself")
         if kind == GROUP and len(others) + 1 > val.MAX_GROUP_MEMBERS:
-            v.add("member_ids", f"a group holds at most {val.MAX_GROUP_MEMBERS} members "
+            v.add(field, f"a group holds at most {val.MAX_GROUP_MEMBERS} members "
                                 f"(got {len(others) + 1} with you)")
         v.raise_if_any()
         now = _now_ms()
@@ -392,16 +398,16 @@ class ChatCore:
         await self._require_admin(cid, caller_id)
         v = Violations()
         if not member_ids and not member_usernames:
-            v.add("member_ids", "name at least one user")
+            v.add("member_ids", "name at least one user (member_ids or member_usernames)")
         v.raise_if_any()
         new = await self.resolve_users(member_ids, member_usernames, v)
         v.raise_if_any()
         current = await self.members(cid)
         new = {u: n for u, n in new.items() if u not in current}
         if len(current) + len(new) > val.MAX_GROUP_MEMBERS:
-            raise InvalidArgument([("member_ids", f"a group holds at most {val.MAX_GROUP_MEMBERS} "
-                                                  f"members ({len(current)} now, "
-                                                  f"{len(new)} new)")])
+            raise InvalidArgument([(members_field(member_ids, member_usernames),
+                                    f"a group holds at most {val.MAX_GROUP_MEMBERS} members "
+                                    f"({len(current)} now, {len(new)} new)")])
         if new:
             await self._add_member_rows(cid, new, {}, _now_ms())
 

@@ -176,5 +176,26 @@ def build_app(rt: Runtime) -> web.Application:
         if system.edge_routes is not None:
             system.edge_routes(app, rt)
     # Last: one path segment that no other route claimed is a short code.
-    app.router.add_get("/{code}", redirect)
+    app.router.add_get(CODE_ROUTE, redirect)
     return app
+
+
+CODE_ROUTE = "/{code}"
+
+
+def route_prefixes(rt: Runtime) -> frozenset[str]:
+    """The first path segments the edge's own routes claim (``p``, ``media``, ``chat``, ``healthz``, …).
+
+    Read from the route table :func:`build_app` builds, every system's
+    ``edge_routes`` included, so a prefix a new system adds is reserved the
+    moment it is routed: a short code equal to one would never be reached.
+    """
+    out: set[str] = set()
+    for resource in build_app(rt).router.resources():
+        path = resource.canonical
+        if path == CODE_ROUTE:
+            continue
+        first = path.lstrip("/").split("/", 1)[0]
+        if first and "{" not in first:
+            out.add(first.lower())
+    return frozenset(out)

@@ -5,8 +5,12 @@ followers, a few have millions. The generator draws it the usual way:
 
 - user ``i`` (0-based rank) gets popularity ``1 / (i + 1) ** alpha`` (Zipf);
   the first ``celebrities`` ranks are additionally followed by
-  ``celebrity_share`` of everyone, so a demo graph always has a few authors
-  above the celebrity threshold;
+  ``celebrity_share`` of everyone;
+- a graph too small for those ranks to reach the celebrity threshold in
+  force (10,000 users cannot give anyone 10,000 followers) tops them up with
+  follower-only ids (:func:`load_followers`: edges from fresh Snowflake ids
+  that have no account), so ``celebrities=N`` always yields N authors whose
+  posts are pulled at read time;
 - each user follows ``k`` others, ``k`` drawn from a Pareto distribution
   scaled to a mean of ``avg_following`` (capped by the following limit), the
   followees picked by popularity (no self-follows, no duplicates).
@@ -148,6 +152,28 @@ async def load_followers(core: FeedCore, author: int, count: int,
     return followers
 
 
+async def top_up_celebrities(core: FeedCore, authors: list[int],
+                             progress: Progress | None = None) -> tuple[dict[int, int], int]:
+    """Give each of ``authors`` at least the celebrity threshold of followers.
+
+    Returns ({author: follower count}, follower-only edges added). Counts come
+    from the tables, so a re-run adds nothing to an author already past the
+    threshold, and the authors are promoted by :func:`load_followers`.
+    """
+    threshold = core.settings.celebrity_threshold
+    counts: dict[int, int] = {}
+    added = 0
+    for author in authors:
+        have = (await core.graph.counts(author))["followers"]
+        if have < threshold:
+            await load_followers(core, author, threshold - have, progress)
+            added += threshold - have
+            have = threshold
+        await core.graph.maybe_promote(author, have)
+        counts[author] = have
+    return counts, added
+
+
 async def create_posts(core: FeedCore, authors: list[tuple[int, str]], spec: GraphSpec,
                        progress: Progress | None = None, concurrency: int = 32) -> int:
     """About ``posts_per_user`` posts per author, through the CreatePost code path."""
@@ -181,11 +207,14 @@ async def generate(core: FeedCore, spec: GraphSpec, progress: Progress | None = 
     edges = [(ids[a], ids[b]) for a, b in ranked]
     # Idempotent: a re-run rewrites the same rows, and counts are recounted from the tables.
     await load_edges(core, edges, progress)
+    celebs, padded = await top_up_celebrities(core, ids[:min(spec.celebrities, len(ids))], progress)
     posts = await create_posts(core, list(zip(ids, names, strict=True)), spec, progress) \
         if spec.posts_per_user > 0 else 0
     followers: dict[int, int] = {}
     for _, b in ranked:
         followers[b] = followers.get(b, 0) + 1
+    for rank, uid in enumerate(ids[:len(celebs)]):
+        followers[rank] = max(followers.get(rank, 0), celebs[uid])
     top = sorted(followers.items(), key=lambda kv: -kv[1])[:5]
     return {
         "users": len(ids),
@@ -193,4 +222,6 @@ async def generate(core: FeedCore, spec: GraphSpec, progress: Progress | None = 
         "posts": posts,
         "top": [(names[r], n) for r, n in top],
         "celebrities": sum(1 for n in followers.values() if n >= core.settings.celebrity_threshold),
+        "threshold": core.settings.celebrity_threshold,
+        "padded": padded,
     }

@@ -76,7 +76,7 @@ from servers.platform.errors import (
     ServiceError,
     Violations,
 )
-from servers.platform.interceptors import DEFAULT_DEADLINE_SECONDS
+from servers.platform.interceptors import DEFAULT_DEADLINE_SECONDS, current_request_id
 from servers.platform.runtime import Runtime
 from servers.storage.blob import BlobNotFound, UploadNotFound, UploadPart
 from servers.storage.queue import JobQueue
@@ -469,6 +469,9 @@ class MediaCore:
         try:
             info = await probing.probe(source)
         except probing.ProbeError as exc:
+            # ffmpeg's own words name server paths: they go to the log, the client gets ours.
+            log.warning("media_probe_failed", media_id=media_id, request_id=current_request_id(),
+                        reason=str(exc), ffmpeg_output=exc.tool_output)
             await self._refuse(row, "data", f"is not a video or image we can decode: {exc}")
         mismatch = probing.check_declared(row["content_type"], info)
         if mismatch:

@@ -70,7 +70,16 @@ PROBE_TIMEOUT_SECONDS = 120.0
 
 
 class ProbeError(Exception):
-    """The file is not a video or image we can decode (message says why)."""
+    """The file is not a video or image we can decode.
+
+    The message is the project's own (it goes to the client); ``tool_output``
+    is what ffmpeg printed, for the server log only: it names server paths
+    (the staged file, presigned URLs) and is not written for users.
+    """
+
+    def __init__(self, message: str, *, tool_output: str = "") -> None:
+        super().__init__(message)
+        self.tool_output = tool_output
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ def parse_input_info(stderr: str) -> ProbeResult:
     head = stderr.split("Stream mapping:", 1)[0].split("Output #0", 1)[0]
     m = _INPUT_RE.search(head)
     if not m:
-        raise ProbeError("not a video or image file ffmpeg recognises")
+        raise ProbeError("not a video or image format we recognise")
     demuxer = m.group(1)
     if demuxer in VIDEO_DEMUXERS:
         family, kind = VIDEO_DEMUXERS[demuxer], "video"
@@ -157,17 +166,17 @@ async def probe(source: str, *, limit_seconds: float = PROBE_TIMEOUT_SECONDS) ->
     try:
         info = parse_input_info(r.stderr)
     except ProbeError as exc:
-        summary = ffmpeg.error_summary(r.stderr, 160)
-        raise ProbeError(f"{exc} ({summary})" if summary else str(exc)) from None
+        raise ProbeError(str(exc), tool_output=ffmpeg.error_summary(r.stderr, 2000)) from None
     if r.returncode != 0 or frames_decoded(r.stderr) < 1:
-        raise ProbeError("the first frame does not decode: " + ffmpeg.error_summary(r.stderr))
+        raise ProbeError("the first frame does not decode",
+                         tool_output=ffmpeg.error_summary(r.stderr, 2000))
     if info.kind == "video" and info.duration_s and info.duration_s > 1.0:
         at = f"{max(info.duration_s - 0.5, 0):.3f}"
         r2 = await ffmpeg.run([*base, "-ss", at, "-i", source, "-map", "0:v:0", "-frames:v", "1",
                                "-f", "null", "-"], limit_seconds=limit_seconds)
         if r2.returncode != 0 or frames_decoded(r2.stderr) < 1:
-            raise ProbeError("the end of the video does not decode (truncated?): "
-                             + ffmpeg.error_summary(r2.stderr))
+            raise ProbeError("the end of the video does not decode (truncated?)",
+                             tool_output=ffmpeg.error_summary(r2.stderr, 2000))
     return info
 
 

@@ -143,7 +143,12 @@ class Transcoder:
             result = await ffmpeg.run_with_progress(args, info.duration_s if info.kind == "video" else None,
                                                     progress, limit_seconds=TRANSCODE_TIMEOUT_SECONDS)
             if result.returncode != 0:
-                raise ffmpeg.FfmpegError("ffmpeg failed: " + ffmpeg.error_summary(result.stderr),
+                # The reason reaches the owner (failure_reason): ffmpeg's text, which names
+                # work paths, stays in the log.
+                log.warning("media_transcode_failed", media_id=media_id, returncode=result.returncode,
+                            ffmpeg_output=ffmpeg.error_summary(result.stderr, 2000))
+                raise ffmpeg.FfmpegError(f"ffmpeg failed (exit code {result.returncode}; its output is in "
+                                         "the worker's log)",
                                          returncode=result.returncode, stderr=result.stderr)
             files = await asyncio.to_thread(_outputs, out)
             if not files:

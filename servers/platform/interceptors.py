@@ -20,6 +20,7 @@ call, in order:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import os
 import re
@@ -55,6 +56,14 @@ _RID_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 _rid_counter = itertools.count(1)
 
 
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def current_request_id() -> str:
+    """The request id of the RPC being handled ('' outside one): for server-side log lines."""
+    return _request_id.get()
+
+
 def new_request_id() -> str:
     """Unique without a system call per request: a random per-process prefix and a counter."""
     return f"{_RID_PREFIX}{next(_rid_counter):06x}"
@@ -65,6 +74,13 @@ async def _abort(context: grpc.aio.ServicerContext, status: Any, rid: str) -> No
     st = rpc_status.to_status(status)
     st = st._replace(trailing_metadata=(*st.trailing_metadata, ("x-request-id", rid)))  # type: ignore[attr-defined]
     await context.abort_with_status(st)
+
+
+def _reset_request_id(token: contextvars.Token[str]) -> None:
+    try:
+        _request_id.reset(token)
+    except ValueError:  # an async generator finished in another context
+        _request_id.set("")
 
 
 class _Undecodable:
@@ -217,6 +233,7 @@ class PlatformInterceptor:
             context.set_trailing_metadata((("x-request-id", rid),))
             code = grpc.StatusCode.OK
             reset = auth.set_caller(caller)
+            rid_reset = _request_id.set(rid)
             try:
                 if err is not None:
                     raise err
@@ -232,6 +249,7 @@ class PlatformInterceptor:
                 await _abort(context, status, rid)
             finally:
                 auth.reset_caller(reset)
+                _reset_request_id(rid_reset)
                 self._finish(method, rid, caller, code, started)
 
         return wrapped
@@ -244,6 +262,7 @@ class PlatformInterceptor:
             context.set_trailing_metadata((("x-request-id", rid),))
             code = grpc.StatusCode.OK
             reset = auth.set_caller(caller)
+            rid_reset = _request_id.set(rid)
             try:
                 if err is not None:
                     raise err
@@ -259,6 +278,7 @@ class PlatformInterceptor:
                 await _abort(context, status, rid)
             finally:
                 auth.reset_caller(reset)
+                _reset_request_id(rid_reset)
                 self._finish(method, rid, caller, code, started)
 
         return wrapped

@@ -10,6 +10,16 @@ table store is cached too (negative caching), briefly.
 Cache coherence: create and delete *overwrite* the cache entry (delete writes a
 tombstone), while a read-path fill only writes when the key is absent (SET NX),
 so a slow fill can never resurrect a deleted link or hide a new one.
+
+Retired codes: delete keeps a tombstone row in ``short_urls`` (the code,
+``deleted_ms``, no target), forever. Every copy of a link that was printed,
+shared or bookmarked keeps naming its code, so a code that once led somewhere
+must never lead anywhere else: the ``IF NOT EXISTS`` insert of a new link
+fails on the tombstone like on a live row, and a custom alias is refused with
+FAILED_PRECONDITION (ALIAS_RETIRED). A row costs a few dozen bytes; the code
+space (Base62) is not the scarce resource, trust in old links is. Custom
+aliases are also refused when they equal a route prefix of the edge
+(:func:`servers.edge.app.route_prefixes`): ``/media/…`` would never reach them.
 """
 
 from __future__ import annotations
@@ -127,6 +137,16 @@ class ShortenerCore:
         self.near = NearCache(rt.redis)
         rt.closers.append(self.near.close)
         self.edge_base = rt.config.edge_base_url
+        self._route_prefixes: frozenset[str] | None = None
+
+    @property
+    def route_prefixes(self) -> frozenset[str]:
+        """The edge's own route prefixes (lower case), read once from its route table."""
+        if self._route_prefixes is None:
+            from servers.edge.app import route_prefixes
+
+            self._route_prefixes = route_prefixes(self.rt)
+        return self._route_prefixes
 
     # -- create ------------------------------------------------------------
 
@@ -136,6 +156,9 @@ class ShortenerCore:
         val.check_long_url(long_url, v, edge_base=self.edge_base)
         if alias:
             val.check_alias(alias, v)
+            if not v and alias.lower() in self.route_prefixes:
+                v.add("custom_alias", f"{alias!r} is reserved: the edge routes "
+                                      f"{self.edge_base}/{alias.lower()}/… itself")
         val.check_future(expire_ms, v, "expire_time")
         if max_visits < 0:
             v.add("max_visits", "must be 0 (unlimited) or positive")
@@ -160,9 +183,17 @@ class ShortenerCore:
         }
         for _attempt in range(8):
             row["code"] = alias or await self.codes.next_code()
+            if not alias and row["code"].lower() in self.route_prefixes:
+                continue  # a generated "healthz" would never be reached either
             if await self.tables.put(SHORT_URLS, row, if_not_exists=True):
                 break
             if alias:
+                taken = await self.tables.get(SHORT_URLS, {"code": alias})
+                if taken is not None and taken.get("deleted_ms"):
+                    raise FailedPrecondition(
+                        f"the alias {alias!r} belonged to a deleted link and stays retired, so "
+                        "copies of the old link never lead somewhere else; choose another alias",
+                        reason="ALIAS_RETIRED", subject=f"shorturls/{alias}", kind="ALIAS_RETIRED")
                 raise AlreadyExists(f"the alias {alias!r} is taken", reason="ALIAS_TAKEN",
                                     metadata={"custom_alias": alias})
             # A generated code that a custom alias already took: take the next one.
@@ -205,7 +236,7 @@ class ShortenerCore:
         if res[0] == 0:
             CACHE_LOOKUPS.labels("shorturl", "miss").inc()
             row = await self.tables.get(SHORT_URLS, {"code": code})
-            if row is None:
+            if row is None or row.get("deleted_ms"):
                 await self.redis.set(keys[0], TOMBSTONE, ex=NEGATIVE_TTL_SECONDS, nx=True)
                 raise NotFound(f"no short URL {code!r}", reason="SHORT_URL_NOT_FOUND")
             await self.redis.set(keys[0], encode_cached(row), ex=self.cache_ttl, nx=True)
@@ -236,7 +267,7 @@ class ShortenerCore:
         val.check_code(code, v)
         v.raise_if_any()
         row = await self.tables.get(SHORT_URLS, {"code": code})
-        if row is None:
+        if row is None or row.get("deleted_ms"):
             raise NotFound(f"no short URL {code!r}", reason="SHORT_URL_NOT_FOUND")
         if row["owner_id"] != owner_id:
             raise PermissionDenied("this short URL belongs to another user", reason="NOT_OWNER")
@@ -245,7 +276,11 @@ class ShortenerCore:
     async def delete(self, code: str, owner_id: int) -> None:
         row = await self.get_owned(code, owner_id)
         await self.tables.delete(SHORT_URLS_BY_OWNER, {"owner_id": owner_id, "link_id": row["link_id"]})
-        await self.tables.delete(SHORT_URLS, {"code": code})
+        # The tombstone: the code stays taken (module docstring), the target is forgotten.
+        await self.tables.put(SHORT_URLS, {
+            "code": code, "link_id": row["link_id"], "long_url": "", "owner_id": owner_id,
+            "create_ms": row["create_ms"], "expire_ms": 0, "max_visits": 0, "redirect_type": 0,
+            "custom_alias": row["custom_alias"], "deleted_ms": int(time.time() * 1000)})
         keys = link_keys(code)
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(keys[0], TOMBSTONE, ex=max(self.cache_ttl, NEGATIVE_TTL_SECONDS))

@@ -3,6 +3,8 @@
 from servers.storage.table import Table
 
 # The link itself, by code: the read path's only table (behind the Redis cache).
+# A deleted link leaves a tombstone row (deleted_ms set, no target) so that its
+# code is never handed out again (servers/shortener/core.py).
 SHORT_URLS = Table(
     name="short_urls",
     partition_key=("code",),
@@ -16,8 +18,9 @@ SHORT_URLS = Table(
         "max_visits": "bigint",
         "redirect_type": "int",
         "custom_alias": "boolean",
+        "deleted_ms": "bigint",
     },
-    comment="short links by code",
+    comment="short links by code; deleted ones as tombstones",
 )
 
 # The owner's links, newest first (link_id is a Snowflake id), denormalised so

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import random
 import re
 import subprocess
@@ -340,7 +341,16 @@ def test_text_file_named_mp4_is_refused(stub: Any, alice_md: Any, mstack: StackP
     fake = tmp_path / "notes.mp4"
     fake.write_text("these are not the frames you are looking for\n" * 200)
     err = _refused(stub, alice_md, fake, "video/mp4", mstack)
-    assert "is not a video or image" in violations(err)["data"]
+    desc = violations(err)["data"]
+    assert "is not a video or image" in desc
+    # ffmpeg's text (server paths, "error opening input file …") never reaches the client...
+    for leak in (str(mstack.data_dir), "media-staging", "error opening", "|", "Invalid data"):
+        assert leak not in (err.details() or "") and leak not in desc, (leak, err.details())
+    # ...it is in the server log, under the request id the client was given.
+    rid = dict(err.trailing_metadata() or ())["x-request-id"]
+    logged = [json.loads(line) for line in mstack.log_path.read_text().splitlines()
+              if "media_probe_failed" in line and rid in line]
+    assert logged and logged[0]["request_id"] == rid and logged[0]["ffmpeg_output"], mstack.logs()
 
 
 def test_content_that_does_not_match_the_declared_type_is_refused(

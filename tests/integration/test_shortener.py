@@ -317,3 +317,34 @@ def test_buffered_clicks_survive_a_script_flush(stub: pbg.ShortenerServiceStub, 
     s = stub.GetShortUrlStats(pb.GetShortUrlStatsRequest(code=link.code), metadata=grpc_metadata(alice))
     assert s.total_clicks == 10
     assert {x.referrer: x.clicks for x in s.top_referrers} == {"t.co": 9, "(direct)": 1}
+
+
+def test_deleted_alias_stays_retired(stub: pbg.ShortenerServiceStub, alice: str, bob: str) -> None:
+    """A deleted alias cannot be taken over: old copies of the link must not lead elsewhere."""
+    alias = _alias()
+    create(stub, alice, custom_alias=alias, long_url="https://example.com/original")
+    stub.DeleteShortUrl(pb.DeleteShortUrlRequest(code=alias), metadata=grpc_metadata(alice))
+    for who in (bob, alice):
+        with pytest.raises(grpc.RpcError) as e:
+            create(stub, who, custom_alias=alias, long_url="https://attacker.example/phish")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+        assert error_reason(e.value) == "ALIAS_RETIRED"
+        assert "retired" in (e.value.details() or "")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ResolveShortUrl(pb.ResolveShortUrlRequest(code=alias))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetShortUrl(pb.GetShortUrlRequest(code=alias), metadata=grpc_metadata(alice))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert alias not in all_codes(stub, bob)
+
+
+@pytest.mark.parametrize("alias", ["media", "chat", "Media", "healthz"])
+def test_edge_route_prefixes_are_reserved(stub: pbg.ShortenerServiceStub, alice: str,
+                                          alias: str) -> None:
+    """The edge's own routes (read from its route table) can never be custom aliases."""
+    with pytest.raises(grpc.RpcError) as e:
+        create(stub, alice, custom_alias=alias)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reserved" in violations(e.value)["custom_alias"]
+    assert alias not in all_codes(stub, alice)
