@@ -256,13 +256,13 @@ def cql_ready(port: int) -> bool:
     except OSError:
         return False
     try:
-        from cassandra.cluster import Cluster
+        from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
         from cassandra.policies import WhiteListRoundRobinPolicy
     except ImportError:  # the port answering is the best we can tell
         return True
-    cluster = Cluster(["127.0.0.1"], port=port, connect_timeout=3,
-                      load_balancing_policy=WhiteListRoundRobinPolicy(["127.0.0.1"]),
-                      protocol_version=5)
+    profile = ExecutionProfile(load_balancing_policy=WhiteListRoundRobinPolicy(["127.0.0.1"]))
+    cluster = Cluster(["127.0.0.1"], port=port, connect_timeout=3, protocol_version=5,
+                      execution_profiles={EXEC_PROFILE_DEFAULT: profile})
     try:
         session = cluster.connect()
         session.execute("SELECT release_version FROM system.local", timeout=5)
