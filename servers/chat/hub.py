@@ -185,8 +185,13 @@ class Hub:
     def spawn(self, coro: Any) -> None:
         """Fire-and-forget work (presence fan-out) that must not block a stream."""
         async def bounded() -> None:
-            async with self._spawned:
-                await coro
+            try:
+                async with self._spawned:
+                    await coro
+            finally:
+                # Cancelled at shutdown while still waiting for a slot: close the
+                # coroutine that never ran (no "was never awaited" warning).
+                coro.close()
 
         t = asyncio.create_task(bounded())
         self._background.add(t)

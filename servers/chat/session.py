@@ -168,6 +168,21 @@ class Connection:
         self.hub = hub
         self.core = core
 
+    async def _online_contacts(self, user_id: int) -> list[pb.ServerEvent]:
+        try:
+            contacts = sorted(await self.core.contacts(user_id))
+            states = await self.hub.presence(contacts) if contacts else {}
+        except Exception as exc:  # presence is a courtesy: the stream goes on without it
+            log.warning("chat_presence_snapshot_failed", user_id=user_id, error=repr(exc))
+            return []
+        out = []
+        for uid, (online, seen) in states.items():
+            if online:
+                ev = pb.ServerEvent(presence=pb.PresenceChange(user_id=str(uid), online=True))
+                ev.presence.last_seen_time.FromMilliseconds(seen)
+                out.append(ev)
+        return out
+
     async def run(self, request_iterator: AsyncIterator[Any],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ServerEvent]:
         caller = require_caller()
@@ -217,6 +232,10 @@ class Connection:
                     break
             yield pb.ServerEvent(synced=pb.Synced(device_id=device, replayed=count,
                                                   heartbeat_interval_seconds=HEARTBEAT_INTERVAL_S))
+            # Contacts already online changed nothing when this device came,
+            # so no change event tells it: send their presence once, now.
+            for ev in await self._online_contacts(caller.user_id):
+                yield ev
             pending, session.pending = session.pending, []
             session.live = True
             for ev in pending:

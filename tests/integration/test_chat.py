@@ -350,7 +350,7 @@ def test_history_pages_backwards_and_list_counts_unread(stack: StackProcess) -> 
 
 
 async def test_presence_for_contacts(stack: StackProcess) -> None:
-    _a_name, a_tok, _a_id = _user(stack, "nia")
+    _a_name, a_tok, a_id = _user(stack, "nia")
     b_name, b_tok, b_id = _user(stack, "oli")
     _direct(stack, a_tok, b_name)
     stub = _stub(stack)
@@ -358,12 +358,15 @@ async def test_presence_for_contacts(stack: StackProcess) -> None:
                          timeout=30).presences[0]
     assert not p.online
     a = await Device(stack.grpc_addr, a_tok, "nia-1").connect()
+    await a.synced.wait()
     b = await Device(stack.grpc_addr, b_tok, "oli-1").connect()
     try:
-        await a.synced.wait()
         await b.synced.wait()
         await a.wait_for(lambda: any(x.user_id == b_id and x.online for x in a.of_kind("presence")),
                          what="b online")
+        # b came second: nothing changed for a, yet b is told a is online
+        await b.wait_for(lambda: any(x.user_id == a_id and x.online
+                                     for x in b.of_kind("presence")), what="a online, seen by b")
         p = stub.GetPresence(pb.GetPresenceRequest(user_ids=[b_id]),
                              metadata=grpc_metadata(a_tok), timeout=30).presences[0]
         assert p.online and p.last_seen_time.seconds > 0

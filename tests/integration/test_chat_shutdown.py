@@ -14,8 +14,10 @@ import signal
 from pathlib import Path
 
 import grpc
+from sysdesign.chat.v1 import chat_pb2 as pb
+from sysdesign.chat.v1 import chat_pb2_grpc as pbg
 
-from tests.integration.helpers import error_reason
+from tests.integration.helpers import error_reason, grpc_metadata
 from tests.integration.test_chat_support import Device
 from tests.stack import StackProcess
 
@@ -26,6 +28,10 @@ async def test_sigterm_ends_every_stream_with_a_reconnect_status(tmp_path: Path)
     devices: list[Device] = []
     try:
         tokens = {n: s.token(n) for n in ("ada", "bob")}
+        # contacts of each other, so every connect and disconnect fans presence out
+        pbg.ChatServiceStub(s.channel()).CreateConversation(pb.CreateConversationRequest(
+            type=pb.CONVERSATION_TYPE_DIRECT, member_usernames=["bob"]),
+            metadata=grpc_metadata(tokens["ada"]), timeout=30)
         devices = [Device(s.grpc_addr, tokens[n], f"{n}-{i}") for n in tokens for i in range(2)]
         for d in devices:
             await d.connect()
@@ -41,6 +47,7 @@ async def test_sigterm_ends_every_stream_with_a_reconnect_status(tmp_path: Path)
             assert d.error.code() == grpc.StatusCode.UNAVAILABLE, d.error
             assert error_reason(d.error) == "STREAM_ENDED", d.error
             assert "shutting down" in (d.error.details() or "")
+        assert "was never awaited" not in s.logs(), s.logs()
     finally:
         for d in devices:
             await d.close()
