@@ -9,15 +9,23 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 .PHONY: run test test-sqlite test-cassandra proto lint bench clean install image k8s-check
 
-$(STAMP): pyproject.toml
+RUN_STAMP := $(VENV)/.installed-run
+
+# `make run` installs what running needs; `make test` adds the test and lint
+# tools (moto, mypy, ruff, pytest, ...) on top.
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/sysdesign up $(ARGS)
 
 # Lint, the Kubernetes checks, then every test with a real Apache Cassandra node

@@ -105,7 +105,7 @@ class StackProcess:
                                f"{out.stdout.decode()[-3000:]}{out.stderr.decode()[-3000:]}")
         _MIGRATED.add(keyspace)
 
-    def start(self, args: list[str] | None = None, timeout: float = 60) -> StackProcess:
+    def start(self, args: list[str] | None = None, timeout: float = 120) -> StackProcess:
         cmd = [sys.executable, "-m", "clients.cli", *(args or ["up"])]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.migrate()
