@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 from redis.exceptions import NoScriptError
 
-from servers.storage.redis_conn import key, listen_for_invalidations
+from servers.storage.redis_conn import key, listen_for_invalidations, publish
 
 log = structlog.get_logger("sysdesign.shortener.nearcache")
 
@@ -131,7 +131,7 @@ class NearCache:
     async def invalidate(self, code: str) -> None:
         """Drop a link here and in every other process."""
         self.drop(code)
-        await self.redis.publish(INVALIDATION_CHANNEL, code)
+        await publish(self.redis, INVALIDATION_CHANNEL, code)
 
     # -- clicks ----------------------------------------------------------
 
