@@ -49,6 +49,65 @@ def cassandra_env(data_dir: str) -> dict[str, str]:
 
 _MIGRATED: set[str] = set()
 
+# Which Redis the stacks use: "standalone" (each stack's own embedded Valkey) or
+# "cluster" (`pytest --redis=cluster`: every stack on the session's 3-master
+# Valkey cluster, whose seed URL the conftest puts in REDIS_CLUSTER_URL_ENV).
+REDIS_ENV = "SYSDESIGN_TEST_REDIS"
+REDIS_CLUSTER_URL_ENV = "SYSDESIGN_TEST_REDIS_CLUSTER_URL"
+
+
+def redis_engine() -> str:
+    return os.environ.get(REDIS_ENV, "standalone") or "standalone"
+
+
+def redis_cluster_url() -> str:
+    url = os.environ.get(REDIS_CLUSTER_URL_ENV, "")
+    if not url:
+        raise RuntimeError("--redis=cluster needs the session cluster (tests/conftest.py starts it)")
+    return url
+
+
+def own_redis(data_dir: Path) -> Any:
+    """A Redis of a test's own (for tests that FLUSHALL or count keys), not started:
+    an embedded Valkey, or under --redis=cluster a 3-master cluster of its own.
+    ``url = server.start()``, ``server.stop()``."""
+    from servers.storage.redis_conn import EmbeddedValkey, EmbeddedValkeyCluster
+
+    return EmbeddedValkeyCluster(data_dir) if redis_engine() == "cluster" else EmbeddedValkey(data_dir)
+
+
+def sync_redis(url: str) -> Any:
+    """A synchronous client for keyed commands: redis.Redis, or redis.RedisCluster for
+    a cluster URL (several seeds)."""
+    import redis
+
+    from servers.storage.redis_conn import is_cluster_url, seed_nodes
+
+    if is_cluster_url(url):
+        return redis.RedisCluster(startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in seed_nodes(url)])
+    return redis.Redis.from_url(url)
+
+
+def flushall(url: str) -> None:
+    """FLUSHALL and SCRIPT FLUSH on every master (as after losing Redis's data and restarting)."""
+    from servers.storage.redis_conn import primaries
+
+    for node in primaries(url):
+        node.flushall()
+        node.script_flush()
+        node.close()
+
+
+def keys(url: str, pattern: str) -> list[bytes]:
+    """KEYS on every master."""
+    from servers.storage.redis_conn import primaries
+
+    out: list[bytes] = []
+    for node in primaries(url):
+        out += node.keys(pattern)
+        node.close()
+    return out
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -90,7 +149,16 @@ class StackProcess:
         env.update(self.extra_env)
         if table_engine() == "cassandra" and "SYSDESIGN_CASSANDRA_HOSTS" not in self.extra_env:
             env.update(cassandra_env(env["SYSDESIGN_DATA_DIR"]))
+        if redis_engine() == "cluster" and "SYSDESIGN_REDIS_URL" not in self.extra_env:
+            env["SYSDESIGN_REDIS_URL"] = redis_cluster_url()
+            env["SYSDESIGN_REDIS_CLUSTER"] = "1"
         return env
+
+    @property
+    def redis_url(self) -> str:
+        """The stack's Redis: the configured URL, or the one its embedded Valkey wrote."""
+        return self.env().get("SYSDESIGN_REDIS_URL") or (
+            self.data_dir / "valkey" / "url").read_text().strip()
 
     def migrate(self) -> None:
         """On Cassandra the schema is the migration's job (as on Kubernetes): once per keyspace."""

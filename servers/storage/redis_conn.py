@@ -389,6 +389,18 @@ def queue_publish(pipe: Any, channel: str, message: bytes | str) -> None:
         pipe.publish(channel, message)
 
 
+def queue_evalsha(pipe: Any, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+    """EVALSHA queued on a pipeline.
+
+    redis-py's cluster pipeline refuses some commands by name, EVALSHA and
+    PFCOUNT among them (they may name keys of several slots); sent as a raw
+    command it is routed by its keys like any other, which is right for ours
+    (every script call's keys share a hash tag). The bytes on a single server
+    are the same as ``pipe.evalsha``.
+    """
+    pipe.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+
 class Subscription:
     """One channel subscribed to: SUBSCRIBE on a server, SSUBSCRIBE on a cluster.
 
