@@ -33,14 +33,18 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session", autouse=True)
 def redis_cluster(request: pytest.FixtureRequest,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Under --redis=cluster: one 3-master Valkey cluster per test process (xdist
-    worker), which every stack uses (tests/stack.py), unless
-    SYSDESIGN_TEST_REDIS_CLUSTER_URL already names a cluster of your own."""
+    """Under --redis=cluster: a 3-master Valkey cluster per test process (xdist
+    worker) for the tests that take ``valkey_url``; stacks get one per data dir
+    (tests/stack.py). SYSDESIGN_TEST_REDIS_CLUSTER_URL names a cluster of your
+    own instead, which every test and stack then shares."""
     if request.config.getoption("--redis") != "cluster":
         yield ""
         return
+    from tests.stack import stop_stack_clusters
+
     given = os.environ.get("SYSDESIGN_TEST_REDIS_CLUSTER_URL", "")
     if given:
+        os.environ["SYSDESIGN_TEST_REDIS_CLUSTER_GIVEN"] = "1"
         yield given
         return
     from servers.storage.redis_conn import EmbeddedValkeyCluster
@@ -51,6 +55,7 @@ def redis_cluster(request: pytest.FixtureRequest,
     try:
         yield url
     finally:
+        stop_stack_clusters()
         cluster.stop()
         del os.environ["SYSDESIGN_TEST_REDIS_CLUSTER_URL"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import signal
@@ -50,21 +51,44 @@ def cassandra_env(data_dir: str) -> dict[str, str]:
 _MIGRATED: set[str] = set()
 
 # Which Redis the stacks use: "standalone" (each stack's own embedded Valkey) or
-# "cluster" (`pytest --redis=cluster`: every stack on the session's 3-master
-# Valkey cluster, whose seed URL the conftest puts in REDIS_CLUSTER_URL_ENV).
+# "cluster" (`pytest --redis=cluster`): each data dir gets a 3-master Valkey
+# cluster of its own, started on first use and stopped at the end of the
+# session (stop_stack_clusters), so processes of one deployment (same data dir)
+# share it, as they would share the embedded Valkey, and no two deployments
+# share queues: one stack's media or fan-out worker would take another's jobs.
+# A cluster named in REDIS_CLUSTER_URL_ENV (yours) is used by every stack instead.
 REDIS_ENV = "SYSDESIGN_TEST_REDIS"
 REDIS_CLUSTER_URL_ENV = "SYSDESIGN_TEST_REDIS_CLUSTER_URL"
+REDIS_CLUSTER_GIVEN_ENV = "SYSDESIGN_TEST_REDIS_CLUSTER_GIVEN"
+
+_STACK_CLUSTERS: dict[Path, Any] = {}
 
 
 def redis_engine() -> str:
     return os.environ.get(REDIS_ENV, "standalone") or "standalone"
 
 
-def redis_cluster_url() -> str:
-    url = os.environ.get(REDIS_CLUSTER_URL_ENV, "")
-    if not url:
-        raise RuntimeError("--redis=cluster needs the session cluster (tests/conftest.py starts it)")
-    return url
+def redis_cluster_url(data_dir: str | Path) -> str:
+    """The cluster of a data dir's stacks (started on first use)."""
+    if os.environ.get(REDIS_CLUSTER_GIVEN_ENV):
+        return os.environ[REDIS_CLUSTER_URL_ENV]
+    from servers.storage.redis_conn import EmbeddedValkeyCluster
+
+    root = Path(data_dir).resolve()
+    cluster = _STACK_CLUSTERS.get(root)
+    if cluster is None:
+        cluster = EmbeddedValkeyCluster(root.parent / f"{root.name}-valkey-cluster")
+        cluster.start()
+        if not _STACK_CLUSTERS:
+            atexit.register(stop_stack_clusters)  # also if the session fixture never ends
+        _STACK_CLUSTERS[root] = cluster
+    return str(cluster.url)
+
+
+def stop_stack_clusters() -> None:
+    while _STACK_CLUSTERS:
+        _, cluster = _STACK_CLUSTERS.popitem()
+        cluster.stop()
 
 
 def own_redis(data_dir: Path) -> Any:
@@ -150,7 +174,7 @@ class StackProcess:
         if table_engine() == "cassandra" and "SYSDESIGN_CASSANDRA_HOSTS" not in self.extra_env:
             env.update(cassandra_env(env["SYSDESIGN_DATA_DIR"]))
         if redis_engine() == "cluster" and "SYSDESIGN_REDIS_URL" not in self.extra_env:
-            env["SYSDESIGN_REDIS_URL"] = redis_cluster_url()
+            env["SYSDESIGN_REDIS_URL"] = redis_cluster_url(env["SYSDESIGN_DATA_DIR"])
             env["SYSDESIGN_REDIS_CLUSTER"] = "1"
         return env
 
