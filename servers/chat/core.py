@@ -201,7 +201,6 @@ class ChatCore:
         self.tables = rt.tables
         self._send = rt.redis.register_script(_SEND_LUA)
         self._load = rt.redis.register_script(_LOAD_MEMBERS_LUA)
-        self._watermark = rt.redis.register_script(_WATERMARK_LUA)
         self._conversations: dict[int, dict[str, Any]] = {}
         # (cid, member) in flight, released RELEASE_DELAY_S after their publish.
         self._releases: list[tuple[float, int, str]] = []
@@ -573,7 +572,10 @@ class ChatCore:
         prune = _prune_before_hi()
         pipe = self.redis.pipeline(transaction=False)
         for c in cids:
-            await self._watermark(keys=[inflight_key(c)], args=[prune], client=pipe)
+            # EVAL with the source, not the registered script: redis-py queues a
+            # script on a pipeline as EVALSHA, which its cluster pipeline refuses;
+            # the server caches the compiled script by its hash either way.
+            pipe.eval(_WATERMARK_LUA, 1, inflight_key(c), prune)
         results = await pipe.execute()
         return {c: (join_id(int(h), 0) - 1 if int(h) >= 0 else (1 << 63) - 1)
                 for c, h in zip(cids, results, strict=True)}

@@ -46,7 +46,7 @@ from sysdesign.chat.v1 import chat_pb2 as pb
 
 from servers.chat.core import ChatCore
 from servers.platform.runtime import Runtime
-from servers.storage.redis_conn import key
+from servers.storage.redis_conn import Subscription, key, queue_publish
 
 if TYPE_CHECKING:
     from servers.chat.session import Session
@@ -200,14 +200,16 @@ class Hub:
     async def _listen(self) -> None:
         """Deliver what other instances publish to our channel; resubscribe on errors."""
         while not self._stopping:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            # SSUBSCRIBE on a cluster: the channel's hash tag is the instance,
+            # so each instance's traffic stays on one shard.
+            sub = Subscription(self.redis, self.channel)
             try:
-                await pubsub.subscribe(self.channel)
+                await sub.start()
                 self._subscribed.set()
                 while not self._stopping:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        self._on_publish(msg["data"])
+                    data = await sub.get(1.0)
+                    if data is not None:
+                        self._on_publish(data)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -219,7 +221,7 @@ class Hub:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await sub.aclose()
 
     async def _sweep(self) -> None:
         """Flush cursors and receipts, release in-flight ids, refresh the registry.
@@ -362,7 +364,7 @@ class Hub:
             pipe = self.redis.pipeline(transaction=False)
             for inst, us in targets.items():
                 head = ",".join(map(str, us)) + "|" + skip_s + "\n"
-                pipe.publish(channel_of(inst), head.encode() + data)
+                queue_publish(pipe, channel_of(inst), head.encode() + data)
             await pipe.execute()
         if local:
             self.deliver(local, event, skip)

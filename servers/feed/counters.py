@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from servers.platform.errors import Unavailable
+from servers.storage.redis_conn import queue_evalsha
 from servers.storage.table import Table, TableStore
 
 # KEYS: hash, gen. ARGV: field, delta. Bumps the generation; the counter only when
@@ -104,7 +105,7 @@ class Lua:
         hashing the source each time costs more than the script. The caller runs
         ``load()`` and the pipeline again on NoScriptError (after a restart or a
         SCRIPT FLUSH of the server), so the queued work must be idempotent."""
-        pipe.evalsha(self.script.sha, len(keys), *keys, *args)
+        queue_evalsha(pipe, self.script.sha, len(keys), *keys, *args)
 
     async def load(self) -> None:
         await self.script.registered_client.script_load(self.source)

@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 
-from servers.storage.redis_conn import listen_for_invalidations
+from servers.storage.redis_conn import listen_for_invalidations, publish
 
 CHANNEL = "sysdesign:feed:invalidate"
 V = TypeVar("V")
@@ -129,15 +129,15 @@ class FeedNearCache:
 
     async def invalidate_post(self, post_id: int) -> None:
         self._drop(f"p:{post_id}")
-        await self.redis.publish(CHANNEL, f"p:{post_id}")
+        await publish(self.redis, CHANNEL, f"p:{post_id}")
 
     async def invalidate_following(self, user_id: int) -> None:
         self._drop(f"f:{user_id}")
-        await self.redis.publish(CHANNEL, f"f:{user_id}")
+        await publish(self.redis, CHANNEL, f"f:{user_id}")
 
     async def invalidate_author(self, author_id: int) -> None:
         self._drop(f"a:{author_id}")
-        await self.redis.publish(CHANNEL, f"a:{author_id}")
+        await publish(self.redis, CHANNEL, f"a:{author_id}")
 
     def _ensure_listener(self) -> None:
         if self._listener is None and not self._stopping:

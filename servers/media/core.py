@@ -80,6 +80,7 @@ from servers.platform.interceptors import DEFAULT_DEADLINE_SECONDS, current_requ
 from servers.platform.runtime import Runtime
 from servers.storage.blob import BlobNotFound, UploadNotFound, UploadPart
 from servers.storage.queue import JobQueue
+from servers.storage.redis_conn import Subscription, publish
 from servers.storage.table import InvalidPageToken
 
 log = structlog.get_logger("sysdesign.media")
@@ -255,7 +256,7 @@ class MediaCore:
 
     async def publish(self, media_id: int) -> None:
         with contextlib.suppress(Exception):
-            await self.rt.redis.publish(_events_channel(media_id), b"1")
+            await publish(self.rt.redis, _events_channel(media_id), b"1")
 
     # -- CreateUpload ---------------------------------------------------------------
 
@@ -546,8 +547,8 @@ class MediaCore:
         covers a missed message (pub/sub is fire-and-forget).
         """
         row = await self.get_owned(media_id, owner_id)
-        pubsub = self.rt.redis.pubsub()
-        await pubsub.subscribe(_events_channel(media_id))
+        sub = Subscription(self.rt.redis, _events_channel(media_id))
+        await sub.start()
         try:
             last: tuple[Any, ...] | None = None
             while True:
@@ -558,15 +559,14 @@ class MediaCore:
                 if row["state"] in TERMINAL:
                     return
                 with contextlib.suppress(TimeoutError):
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
+                    await sub.get(2.0)
                 fresh = await self.get_row(media_id)
                 if fresh is None:
                     raise NotFound(f"media {media_id} was deleted", reason="MEDIA_NOT_FOUND")
                 row = fresh
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.unsubscribe()
-                await pubsub.aclose()
+                await sub.aclose()
 
 
 class _Writer:

@@ -11,6 +11,9 @@ scale-out adapter:
 | SYSDESIGN_METRICS_ADDR           | 127.0.0.1:9464 (empty: off)     |
 | SYSDESIGN_PUBLIC_URL             | http://<HTTP_ADDR>              |
 | SYSDESIGN_REDIS_URL              | embedded Valkey under DATA_DIR  |
+|                                  | (comma-separated seed nodes: a  |
+|                                  | Redis Cluster)                  |
+| SYSDESIGN_REDIS_CLUSTER          | 0 (1: the URL is a cluster seed)|
 | SYSDESIGN_CASSANDRA_HOSTS        | SQLite file under DATA_DIR (or  |
 |                                  | the local node of `sysdesign up |
 |                                  | --cassandra`, see below)        |
@@ -70,6 +73,11 @@ class Config:
     metrics_addr: str = field(default_factory=lambda: _env("SYSDESIGN_METRICS_ADDR", "127.0.0.1:9464"))
     public_url: str = field(default_factory=lambda: _env("SYSDESIGN_PUBLIC_URL"))
     redis_url: str = field(default_factory=lambda: _env("SYSDESIGN_REDIS_URL"))
+    # A Redis Cluster: the URL names one or more of its nodes (comma-separated).
+    redis_cluster: bool = field(
+        default_factory=lambda: _env("SYSDESIGN_REDIS_CLUSTER", "0") not in ("0", "false", "no", "")
+        or "," in _env("SYSDESIGN_REDIS_URL")
+    )
     cassandra_hosts: list[str] = field(
         default_factory=lambda: [h for h in _env("SYSDESIGN_CASSANDRA_HOSTS").split(",") if h]
     )

@@ -64,7 +64,7 @@ class Runtime:
                 embedded = redis_conn.EmbeddedValkey(config.valkey_dir)
                 url = await asyncio.to_thread(embedded.start)
                 log.info("embedded_valkey_started", url=url, dir=str(config.valkey_dir))
-        redis = redis_conn.connect(url)
+        redis = redis_conn.connect(url, cluster=config.redis_cluster and embedded is None)
         table_store = open_table_store(config)
         if not config.cassandra_hosts:
             # Embedded tables are created on start; on Cassandra `sysdesign migrate --apply`

@@ -314,7 +314,7 @@ class ShortenerCore:
         keys = link_keys(code)
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys[1])
-        pipe.pfcount(keys[2])
+        pipe.execute_command("PFCOUNT", keys[2])  # the cluster pipeline refuses pfcount() by name
         pipe.hgetall(keys[3])
         pipe.zrevrange(keys[4], 0, top - 1, withscores=True)
         visits, uniques, daily, refs = await pipe.execute()

@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 from redis.exceptions import NoScriptError
 
-from servers.storage.redis_conn import key, listen_for_invalidations
+from servers.storage.redis_conn import key, listen_for_invalidations, publish, queue_evalsha
 
 log = structlog.get_logger("sysdesign.shortener.nearcache")
 
@@ -131,7 +131,7 @@ class NearCache:
     async def invalidate(self, code: str) -> None:
         """Drop a link here and in every other process."""
         self.drop(code)
-        await self.redis.publish(INVALIDATION_CHANNEL, code)
+        await publish(self.redis, INVALIDATION_CHANNEL, code)
 
     # -- clicks ----------------------------------------------------------
 
@@ -183,8 +183,8 @@ class NearCache:
                 args += (ref, n)
             args += c.visitors
             # one call per link: its keys share a hash tag (Redis Cluster-safe)
-            pipe.evalsha(self._add_sha, 4, key(tag, "visits"), key(tag, "uv"),
-                         key(tag, "daily"), key(tag, "refs"), *args)
+            queue_evalsha(pipe, self._add_sha, 4, key(tag, "visits"), key(tag, "uv"),
+                          key(tag, "daily"), key(tag, "refs"), *args)
         results = await pipe.execute(raise_on_error=False)
         return {code: r for code, r in zip(clicks, results, strict=True) if isinstance(r, Exception)}
 

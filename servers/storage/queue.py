@@ -115,6 +115,13 @@ def _error_text(exc: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + "…"
 
 
+def _hash_tag(name: str) -> str:
+    """The part of a key Redis Cluster hashes, if the key has a tag (``{...}``, non-empty)."""
+    start = name.find("{")
+    end = name.find("}", start + 1)
+    return name[start + 1:end] if start >= 0 and end > start + 1 else ""
+
+
 class JobQueue:
     """A stream + consumer group used as a job queue (see the module docstring).
 
@@ -142,7 +149,10 @@ class JobQueue:
         self.redis = redis
         self.stream = stream
         self.group = group
-        self.dead_stream = f"{stream}:dead"
+        # The dead-letter stream is written in one MULTI with the stream's XACK,
+        # so on Redis Cluster it must hash to the stream's slot: "{q:x}" gets
+        # "{q:x}:dead"; an untagged "jobs" gets "{jobs}:dead" (the slot of "jobs").
+        self.dead_stream = f"{stream}:dead" if _hash_tag(stream) else "{" + stream + "}:dead"
         self.max_attempts = max_attempts
         self.claim_idle_ms = claim_idle_ms
         self.maxlen = maxlen

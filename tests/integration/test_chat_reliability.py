@@ -23,7 +23,7 @@ from tests.integration.helpers import grpc_metadata
 from tests.integration.test_chat_support import Device
 from tests.stack import StackProcess
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 _names = itertools.count(1)
 

@@ -20,7 +20,7 @@ from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
 from tests.integration.helpers import grpc_metadata, violations
 from tests.stack import StackProcess
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 
 @dataclass

@@ -20,9 +20,9 @@ from sysdesign.feed.v1 import feed_pb2 as pb
 from sysdesign.feed.v1 import feed_pb2_grpc as pbg
 
 from tests.integration.helpers import error_reason, expect_error, grpc_metadata, violations
-from tests.stack import StackProcess
+from tests.stack import StackProcess, sync_redis
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 FEED_ENV = {
     "SYSDESIGN_FEED_CELEBRITY_THRESHOLD": "3",
@@ -113,8 +113,7 @@ def users(feed_stack: StackProcess) -> dict[str, Client]:
 
 @pytest.fixture(scope="module")
 def r(feed_stack: StackProcess) -> Iterator[redis.Redis]:
-    url = (feed_stack.data_dir / "valkey" / "url").read_text().strip()
-    client = redis.Redis.from_url(url)
+    client = sync_redis(feed_stack.redis_url)
     yield client
     client.close()
 

@@ -24,9 +24,9 @@ from sysdesign.feed.v1 import feed_pb2 as pb
 from sysdesign.feed.v1 import feed_pb2_grpc as pbg
 
 from tests.integration.helpers import grpc_metadata
-from tests.stack import StackProcess
+from tests.stack import StackProcess, flushall, keys, own_redis, sync_redis
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 STREAM = "{q:fanout}"
 
@@ -79,9 +79,8 @@ async def _load_followers(stack: StackProcess, author: int, n: int) -> list[int]
 def test_killed_fanout_worker_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     from servers.platform.auth import TokenSigner
     from servers.platform.config import Config
-    from servers.storage.redis_conn import EmbeddedValkey
 
-    valkey = EmbeddedValkey(tmp_path / "valkey")
+    valkey = own_redis(tmp_path / "valkey")
     url = valkey.start()
     data = tmp_path / "data"
     env = {
@@ -91,7 +90,7 @@ def test_killed_fanout_worker_loses_and_duplicates_nothing(tmp_path: Path) -> No
     }
     server = StackProcess(data, extra_env=env)
     workers: list[StackProcess] = []
-    r = redis.Redis.from_url(url)
+    r = sync_redis(url)
     try:
         server.start(["serve", "--services", "identity,shortener,feed"])
         author_token = server.token("author")
@@ -110,7 +109,7 @@ def test_killed_fanout_worker_loses_and_duplicates_nothing(tmp_path: Path) -> No
         first = StackProcess(data, extra_env=env).start(["worker", "fanout"])
         workers.append(first)
         # Mid-way through some post's fan-out: its resume checkpoint is in Redis.
-        wait_until(lambda: bool(r.keys("{q:fanout}:at:*")), every=0.002)
+        wait_until(lambda: bool(keys(url, "{q:fanout}:at:*")), every=0.002)
         first.stop(signal.SIGKILL)
         # Killed with fan-outs left: at least the jobs not started yet (and most likely
         # one half done, its progress checkpoint in Redis).
@@ -143,11 +142,17 @@ def test_killed_fanout_worker_loses_and_duplicates_nothing(tmp_path: Path) -> No
 
 
 def test_flushall_then_every_timeline_reads_the_same(tmp_path: Path) -> None:
+    # A Redis of its own (a cluster under --redis=cluster): the FLUSHALL must not
+    # reach the other stacks of this test process.
+    valkey = own_redis(tmp_path / "valkey")
+    url = valkey.start()
     s = StackProcess(tmp_path / "data", extra_env={
+        "SYSDESIGN_REDIS_URL": url,
         "SYSDESIGN_FEED_CELEBRITY_THRESHOLD": "3",
         "SYSDESIGN_FEED_TIMELINE_CACHE_SIZE": "8",
-    }).start()
+    })
     try:
+        s.start()
         names = ["ann", "ben", "cat", "dan", "eve"]
         tokens = {n: s.token(n) for n in names}
         md = {n: grpc_metadata(t) for n, t in tokens.items()}
@@ -174,7 +179,7 @@ def test_flushall_then_every_timeline_reads_the_same(tmp_path: Path) -> None:
         posts.DeletePost(pb.DeletePostRequest(post_id=ids["cat"][5]), metadata=md["cat"])
         graph.UnfollowUser(pb.UnfollowUserRequest(user=pb.UserRef(username="ben")),
                            metadata=md["cat"])
-        r = redis.Redis.from_url((s.data_dir / "valkey" / "url").read_text().strip())
+        r = sync_redis(url)
         wait_until(lambda: fanout_idle(r))
 
         def snapshot() -> dict[str, Any]:
@@ -189,8 +194,9 @@ def test_flushall_then_every_timeline_reads_the_same(tmp_path: Path) -> None:
 
         before = snapshot()
         assert len(before["home/eve"]) > 2  # several pages, past the 8-entry cache
-        r.flushall()
-        r.script_flush()  # as after a Redis restart: fan-out's EVALSHA must reload its script
+        # On every master; and SCRIPT FLUSH as after a Redis restart: fan-out's
+        # EVALSHA must reload its script.
+        flushall(url)
         after = snapshot()
         for k in before:
             assert after[k] == before[k], k
@@ -202,7 +208,11 @@ def test_flushall_then_every_timeline_reads_the_same(tmp_path: Path) -> None:
     except grpc.RpcError as e:
         raise AssertionError(f"{e}\n{s.logs()}") from e
     finally:
-        assert s.stop() == 0, s.logs()
+        try:
+            if s.proc is not None:
+                assert s.stop() == 0, s.logs()
+        finally:
+            valkey.stop()
 
 
 # --------------------------------------------------------------------------- two replicas
@@ -214,9 +224,7 @@ def test_a_change_on_one_replica_reaches_the_other_replicas_near_cache(tmp_path:
     The near caches keep entries for 10 minutes here, so only the pub/sub
     invalidation can make B see the changes before the deadlines.
     """
-    from servers.storage.redis_conn import EmbeddedValkey
-
-    valkey = EmbeddedValkey(tmp_path / "valkey")
+    valkey = own_redis(tmp_path / "valkey")
     url = valkey.start()
     data = tmp_path / "data"
     env = {"SYSDESIGN_REDIS_URL": url, "SYSDESIGN_FEED_NEAR_CACHE_MS": "600000"}
@@ -257,16 +265,14 @@ def test_a_change_on_one_replica_reaches_the_other_replicas_near_cache(tmp_path:
 def test_fanout_jobs_lost_by_redis_are_requeued_from_the_outbox(tmp_path: Path) -> None:
     """Posts acknowledged while no worker ran, then FLUSHALL: the queued jobs are gone,
     but the outbox rows are not, and the worker's sweep queues them again."""
-    from servers.storage.redis_conn import EmbeddedValkey
-
-    valkey = EmbeddedValkey(tmp_path / "valkey")
+    valkey = own_redis(tmp_path / "valkey")
     url = valkey.start()
     data = tmp_path / "data"
     env = {"SYSDESIGN_REDIS_URL": url, "SYSDESIGN_FEED_OUTBOX_SWEEP_S": "1",
            "SYSDESIGN_FEED_OUTBOX_MIN_AGE_S": "0"}
     server = StackProcess(data, extra_env=env)
     worker: StackProcess | None = None
-    r = redis.Redis.from_url(url)
+    r = sync_redis(url)
     try:
         server.start(["serve", "--services", "identity,shortener,feed"])
         ch = server.channel()
@@ -280,7 +286,7 @@ def test_fanout_jobs_lost_by_redis_are_requeued_from_the_outbox(tmp_path: Path) 
         ids = [posts_stub.CreatePost(pb.CreatePostRequest(text=f"before the flush {i}"),
                                      metadata=author, timeout=30).post.post_id for i in range(5)]
         assert int(r.xlen(STREAM)) == 5  # acknowledged and queued; nobody consumes yet
-        r.flushall()
+        flushall(url)
         assert not r.exists(STREAM)
 
         worker = StackProcess(data, extra_env=env).start(["worker", "fanout"])

@@ -17,7 +17,7 @@ from servers.platform.auth import TokenSigner
 from tests.integration.helpers import error_reason, expect_error, grpc_metadata, violations
 from tests.stack import StackProcess
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 PASSWORD = "correct horse battery"
 

@@ -34,7 +34,7 @@ from tests.integration.helpers import (
 )
 from tests.stack import StackProcess
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 PART = 64 * 1024  # small staging parts, so small files span several
 
@@ -271,8 +271,20 @@ def test_interrupted_upload_resumes_from_the_committed_offset(
     # Whole parts only: the bytes of the part being filled when the stream broke were dropped.
     assert 0 < got.committed_bytes <= stop_at and got.committed_bytes % PART == 0 and stop_at % PART
     # A clean end of stream stores the tail too (the filesystem takes parts of any size).
-    r = stub.Upload(chunks(path, up.upload_id, got.committed_bytes, chunk,
-                           stop_after=stop_at + 5000 - got.committed_bytes), metadata=alice_md).upload
+    # The cancelled stream records its parts before it lets go of the upload's lock
+    # (a few Redis calls later): until then a resume is ABORTED "retry shortly", as
+    # a client would, it retries.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            r = stub.Upload(chunks(path, up.upload_id, got.committed_bytes, chunk,
+                                   stop_after=stop_at + 5000 - got.committed_bytes),
+                            metadata=alice_md).upload
+            break
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     assert r.committed_bytes == stop_at + 5000
     done = send_file(stub, alice_md, path, r)
     assert done.committed_bytes == len(data) and done.state != pb.MEDIA_STATE_UPLOADING

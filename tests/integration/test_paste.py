@@ -24,7 +24,7 @@ from tests.integration.helpers import (
 )
 from tests.stack import StackProcess
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 MIB = 1024 * 1024
 

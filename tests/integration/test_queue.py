@@ -20,6 +20,8 @@ from servers.platform.ids import (
 from servers.storage.queue import Job, JobQueue
 from servers.storage.redis_conn import connect, key
 
+pytestmark = pytest.mark.redis_cluster
+
 
 @pytest.fixture
 async def r(valkey_url: str) -> AsyncIterator[aioredis.Redis]:

@@ -17,7 +17,7 @@ from servers.platform.ids import is_base62
 from tests.integration.helpers import error_reason, grpc_metadata, violations
 from tests.stack import StackProcess
 
-pytestmark = pytest.mark.tables
+pytestmark = [pytest.mark.tables, pytest.mark.redis_cluster]
 
 
 @pytest.fixture(scope="module")
@@ -306,12 +306,13 @@ def test_short_url_get_by_owner(stub: pbg.ShortenerServiceStub, alice: str) -> N
 def test_buffered_clicks_survive_a_script_flush(stub: pbg.ShortenerServiceStub, alice: str,
                                                 stack: StackProcess) -> None:
     """Clicks of cached links are written by a Lua script; a Redis that lost its scripts reloads it."""
-    import redis
+    from servers.storage.redis_conn import primaries
 
     link = create(stub, alice)
     stub.ResolveShortUrl(pb.ResolveShortUrlRequest(code=link.code))  # miss: counted in Redis, now cached
-    r = redis.Redis.from_url((stack.data_dir / "valkey" / "url").read_text().strip())
-    r.script_flush()
+    for node in primaries(stack.redis_url):  # every master of a cluster
+        node.script_flush()
+        node.close()
     for _ in range(9):  # cached hits: buffered, flushed in batches
         stub.ResolveShortUrl(pb.ResolveShortUrlRequest(code=link.code, referrer="https://t.co/x"))
     s = stub.GetShortUrlStats(pb.GetShortUrlStatsRequest(code=link.code), metadata=grpc_metadata(alice))
