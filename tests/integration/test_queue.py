@@ -179,7 +179,10 @@ async def test_job_redelivered_too_often_is_dead_lettered_without_running(
 
 
 async def test_long_job_is_not_stolen_from_a_live_consumer(r: aioredis.Redis) -> None:
-    q = JobQueue(r, stream_name(), "workers", claim_idle_ms=300)
+    # A claim window wide enough that a loaded 2-core machine (a JVM and two
+    # test workers beside it) never stalls the heartbeat past it: at 300 ms a
+    # 200 ms stall of the event loop let B steal a job A was still running.
+    q = JobQueue(r, stream_name(), "workers", claim_idle_ms=1500)
     await q.enqueue({"task": "transcode"})
     runs: list[tuple[str, int]] = []
     release = asyncio.Event()
@@ -195,7 +198,7 @@ async def test_long_job_is_not_stolen_from_a_live_consumer(r: aioredis.Redis) ->
     a = asyncio.create_task(q.run("A", handler_for("A"), stop=stop, block_ms=50))
     await wait_for(lambda: len(runs) == 1)
     b = asyncio.create_task(q.run("B", handler_for("B"), stop=stop, block_ms=50))
-    await asyncio.sleep(1.0)  # several claim_idle_ms periods while A works
+    await asyncio.sleep(5.0)  # several claim_idle_ms periods while A works
     release.set()
     await wait_for(lambda: _depth_is(q, pending=0, length=0))
     await stop_and_join(stop, a, b)
