@@ -7,9 +7,9 @@
 
 MinIO publishes no binary to a package registry, but its source is a Go module,
 so ``go install github.com/minio/minio@<pinned version>`` builds the server
-from the Go module proxy: about 3.5 minutes on two cores the first time
-(modules into ``$GOMODCACHE``, objects into Go's build cache), then the binary
-is kept under ``~/.cache/sysdesign/minio-<version>/`` and later runs skip Go.
+from the Go module proxy (``clients/gotools.py``): about 3.5 minutes on two
+cores the first time, then the binary is kept under
+``~/.cache/sysdesign/go/minio-<version>/`` and later runs skip Go.
 MinIO is AGPL-licensed: the project only builds and runs it, as a user would,
 and carries none of its code.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,54 +33,26 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-MODULE = "github.com/minio/minio"
-# MinIO tags its releases RELEASE.<date>, which Go does not read as versions, so
-# the proxy serves commits as pseudo-versions: this one is the newest it listed.
-VERSION = os.environ.get("SYSDESIGN_MINIO_VERSION", "v0.0.0-20260212201848-7aac2a2c5b7c")
+from clients import gotools
+
 ACCESS_KEY = "sysdesign"
 SECRET_KEY = "sysdesign-minio-secret"
 START_TIMEOUT = float(os.environ.get("SYSDESIGN_MINIO_START_TIMEOUT", "60"))
-# Where `make test` tells the tests the binary is (or why there is none).
-BINARY_ENV = "SYSDESIGN_TEST_MINIO"
+TOOL = gotools.TOOLS["minio"]
 
 
 def log(msg: str) -> None:
     print(f"minio: {msg}", file=sys.stderr, flush=True)
 
 
-def cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "sysdesign" / f"minio-{VERSION}"
-
-
-def binary_path() -> Path:
-    return cache_dir() / "bin" / "minio"
-
-
 def missing_tools() -> str:
     """Why MinIO cannot be built here, or "" when it can (or already is)."""
-    if binary_path().exists() or shutil.which("go"):
-        return ""
-    return "Go is not installed (MinIO is built from the Go module proxy with `go install`)"
+    return gotools.missing_go(TOOL)
 
 
 def build() -> Path:
-    """The MinIO binary, built with ``go install`` on first use."""
-    exe = binary_path()
-    if exe.exists():
-        return exe
-    why = missing_tools()
-    if why:
-        raise RuntimeError(why)
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building {MODULE}@{VERSION} from the Go module proxy (about 3.5 min the first time)")
-    started = time.monotonic()
-    env = {**os.environ, "GOBIN": str(exe.parent), "CGO_ENABLED": "0"}
-    r = subprocess.run(["go", "install", f"{MODULE}@{VERSION}"], env=env)
-    if r.returncode != 0 or not exe.exists():
-        raise RuntimeError(f"go install {MODULE}@{VERSION} failed ({r.returncode})")
-    log(f"built {exe} in {time.monotonic() - started:.0f} s")
-    return exe
+    """The MinIO binary, built with ``go install`` on first use (clients/gotools.py)."""
+    return gotools.build("minio")
 
 
 def free_port() -> int:
