@@ -72,9 +72,12 @@ image:
 proto: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
+# ruff and mypy on the Python; buf lint (STANDARD, buf.yaml) and buf breaking
+# against the previous commit on protos/ (buf built from the Go module proxy).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check servers clients tests
+	$(VENV)/bin/ruff check servers clients tests scripts
 	$(VENV)/bin/mypy servers clients
+	$(PY) scripts/buf_check.py
 
 bench: $(STAMP)
 	$(VENV)/bin/sysdesign bench shortener

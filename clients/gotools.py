@@ -1,4 +1,4 @@
-"""The Go programs the project runs (MinIO, grpcurl), built from the Go module proxy and cached.
+"""The Go programs the project runs (MinIO, grpcurl, buf), built from the Go module proxy and cached.
 
     python scripts/gotools.py build [NAME ...]   # every tool (or those named); prints their paths
     python scripts/gotools.py path NAME          # the cached binary's path (built if missing)
@@ -47,6 +47,8 @@ TOOLS = {t.name: t for t in [
     # v1.9 speaks server reflection v1 (falling back to v1alpha), as current grpcurl does.
     GoTool("grpcurl", "github.com/fullstorydev/grpcurl/cmd/grpcurl", "v1.9.4",
            "the README's grpcurl commands and the reflection tests", "about 1.5 min"),
+    GoTool("buf", "github.com/bufbuild/buf/cmd/buf", "v1.75.0",
+           "`buf lint` and `buf breaking` on protos/ (make lint)", "about 1-2 min"),
 ]}
 
 
