@@ -486,7 +486,9 @@ def test_dockerfile_builds_one_non_root_image_for_every_process(rendered: dict[s
     ports = {p["containerPort"] for w in app_workloads(rendered["base"]) for c in app_containers(w)
              for p in c.get("ports") or []}
     assert ports <= exposed
-    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    # One pattern a line; a line starting with # is a comment (Docker's rule).
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
     assert {".venv", "data", ".git"} <= set(ignored)
     copied = set(re.findall(r"^COPY (\S+)", build, flags=re.M))
     assert not copied & set(ignored), "the build copies something .dockerignore drops"
