@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`make k8s-check`: render every kustomization under k8s/ with kustomize and validate it with kubeconform.
 
-For the base and each overlay: `kustomize build` (the real kustomize, the one
-`kubectl apply -k` embeds), then `kubeconform -strict -kubernetes-version
+For the base and each overlay: `kustomize build` (the real kustomize; the
+`kubectl apply -k` of kubectl >= 1.27 embeds a kustomize v5 too), then `kubeconform -strict -kubernetes-version
 K8S_VERSION -summary` over the output, against the Kubernetes JSON schemas
 of that release from the `kubernetes-validate` wheel, offline (strict: an
 unknown field or a duplicated key is an error, as `kubectl apply
