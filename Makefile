@@ -7,7 +7,7 @@ IMAGE  ?= sysdesign:dev
 
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
-.PHONY: run test tools test-sqlite test-cassandra test-redis-cluster proto lint bench clean install image k8s-check k8s-tools
+.PHONY: run test tools test-sqlite test-cassandra test-redis-cluster proto lint bench clean install image k8s-check
 
 RUN_STAMP := $(VENV)/.installed-run
 
@@ -42,8 +42,9 @@ test: $(STAMP) lint k8s-check tools
 # The Go programs the tests run, built once from the Go module proxy and cached
 # under ~/.cache/sysdesign/go (clients/gotools.py): MinIO, the S3 server the
 # blob contract suite and media-on-S3 run against (about 3.5 min on 2 cores),
-# and grpcurl for the README's commands and the reflection tests (about 1.5
-# min). Without Go what needs them is skipped with one line saying why.
+# grpcurl for the README's commands and the reflection tests (about 1.5 min),
+# and kustomize and kubeconform for k8s-check (about a minute together).
+# Without Go what needs them is skipped with one line saying why.
 tools: $(STAMP)
 	$(PY) scripts/gotools.py build
 
@@ -63,16 +64,12 @@ test-redis-cluster: $(STAMP)
 # each object with kubeconform v0.8.0 (-strict, Kubernetes 1.33.0, the schemas
 # of the kubernetes-validate wheel, offline), then check the deployment
 # policies in tests/k8s (no cluster needed). The check builds both tools on
-# first use from the Go module proxy (scripts/k8s_tools.py, about a minute,
-# then cached under ~/.cache/sysdesign/tools; `make k8s-tools` builds them
-# alone); without Go the render and validation are skipped with one line
-# saying why, except under CI=true.
+# first use (clients/gotools.py, about a minute with empty Go caches); without
+# Go the render and validation are skipped with one line saying why, except
+# under CI=true.
 k8s-check: $(STAMP)
 	$(PY) scripts/k8s_check.py
 	$(PY) -m pytest -q -p no:cacheprovider tests/k8s
-
-k8s-tools: $(STAMP)
-	$(PY) scripts/k8s_tools.py build
 
 # Needs a Docker engine (BuildKit); `kind load docker-image $(IMAGE)` afterwards.
 image:

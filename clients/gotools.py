@@ -1,4 +1,4 @@
-"""The Go programs the project runs (MinIO, grpcurl, buf), built from the Go module proxy and cached.
+"""The Go programs the project runs (MinIO, grpcurl, buf, kustomize, kubeconform), built from the Go module proxy and cached.
 
     python scripts/gotools.py build [NAME ...]   # every tool (or those named); prints their paths
     python scripts/gotools.py path NAME          # the cached binary's path (built if missing)
@@ -49,6 +49,12 @@ TOOLS = {t.name: t for t in [
            "the README's grpcurl commands and the reflection tests", "about 1.5 min"),
     GoTool("buf", "github.com/bufbuild/buf/cmd/buf", "v1.75.0",
            "`buf lint` and `buf breaking` on protos/ (make lint)", "about 1-2 min"),
+    # v5.8.3 already asks for Go 1.27; this is the newest that builds with Go 1.26.
+    GoTool("kustomize", "sigs.k8s.io/kustomize/kustomize/v5", "v5.8.2",
+           "renders k8s/ for make k8s-check, as `kubectl apply -k` does", "about 40-60 s"),
+    GoTool("kubeconform", "github.com/yannh/kubeconform/cmd/kubeconform", "v0.8.0",
+           "validates the rendered manifests against the Kubernetes schemas (make k8s-check)",
+           "about 40-50 s"),
 ]}
 
 

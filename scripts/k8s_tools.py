@@ -1,17 +1,16 @@
 #!/usr/bin/env python3
-"""The Kubernetes tools `make k8s-check` runs: kustomize and kubeconform, built from the Go module proxy.
+"""The Kubernetes tools `make k8s-check` runs: kustomize and kubeconform, and the schemas kubeconform reads offline.
 
-    python scripts/k8s_tools.py build      # go install each pinned tool once; prints the binaries' paths
     python scripts/k8s_tools.py schemas    # prints kubeconform's -schema-location (generated on first use)
+    python scripts/gotools.py build kustomize kubeconform   # builds the two tools alone
 
-Neither tool is published to a package registry as a binary, but both are Go
-modules, so ``go install <module>@<pinned version>`` builds them from the Go
-module proxy, as their own READMEs suggest. Measured on two shared cores, each
-with empty module and build caches: kustomize 36-62 s, kubeconform 41-51 s;
-both in a row about a minute, as the second shares the first's standard
-library (modules about 100 MB and 75 MB, build cache 180 MB and 110 MB). Each
-binary is kept under ``~/.cache/sysdesign/tools/<tool>-<version>/`` and later
-runs skip Go. Needs Go >= 1.26 (kustomize v5.8.3 already asks for 1.27).
+Both tools are Go modules, built once with ``go install <module>@<pinned
+version>`` from the Go module proxy by clients/gotools.py (which pins them)
+and cached under ``~/.cache/sysdesign/go/<tool>-<version>/``. Measured on two
+shared cores, each with empty module and build caches: kustomize 36-62 s,
+kubeconform 41-51 s; both in a row about a minute, as the second shares the
+first's standard library (modules about 100 MB and 75 MB, build cache 180 MB
+and 110 MB). Needs Go >= 1.26 (kustomize v5.8.3 already asks for 1.27).
 
 kubeconform normally downloads its JSON schemas from GitHub, which these
 machines cannot reach. The schemas come from the ``kubernetes-validate`` wheel
@@ -26,7 +25,7 @@ committed.
 
 Without Go (and no binary built before) the render and the schema validation
 are skipped with one line saying why, except under ``CI=true``, where that is
-a failure.
+a failure (scripts/k8s_check.py, tests/k8s/conftest.py).
 """
 
 from __future__ import annotations
@@ -38,73 +37,38 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clients import gotools
 
 # The Kubernetes release the manifests target (native gRPC probes need >= 1.27;
 # kind and minikube default to a recent release).
 K8S_VERSION = "1.33.0"
-
-
-@dataclass(frozen=True)
-class Tool:
-    name: str
-    package: str  # what `go install` builds
-    version: str  # pinned
-
-
-TOOLS = {
-    "kustomize": Tool("kustomize", "sigs.k8s.io/kustomize/kustomize/v5", "v5.8.2"),
-    "kubeconform": Tool("kubeconform", "github.com/yannh/kubeconform/cmd/kubeconform", "v0.8.0"),
-}
+TOOLS = {name: gotools.TOOLS[name] for name in ("kustomize", "kubeconform")}
 # How the wheel names a version's strict schemas, and the reference it makes to their definitions.
 WHEEL_DIR = "v{version}-local-strict"
 WHEEL_DEFINITIONS_REF = "/api/_definitions.json#"
-
-
-class ToolsMissing(RuntimeError):
-    """The tools are not built and cannot be built here (the message says why)."""
-
-
-def log(msg: str) -> None:
-    print(f"k8s-tools: {msg}", file=sys.stderr, flush=True)
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sysdesign"
 
 
-def binary_path(tool: Tool) -> Path:
-    return cache_root() / "tools" / f"{tool.name}-{tool.version}" / tool.name
-
-
 def missing_tools() -> str:
-    """Why the tools cannot be built here, or "" when they can (or already are)."""
-    if all(binary_path(t).exists() for t in TOOLS.values()) or shutil.which("go"):
-        return ""
-    return ("Go is not installed (kustomize and kubeconform are built from the Go module proxy "
-            "with `go install`)")
+    """Why the tools cannot be had here, or "" when they can (or already are built)."""
+    for tool in TOOLS.values():
+        why = gotools.missing_go(tool)
+        if why:
+            return why.replace(f"({tool.name} is", "(kustomize and kubeconform are")
+    return ""
 
 
 def build(name: str) -> Path:
     """The tool's binary, built with ``go install`` on first use."""
-    tool = TOOLS[name]
-    exe = binary_path(tool)
-    if exe.exists():
-        return exe
-    if not shutil.which("go"):
-        raise ToolsMissing(missing_tools() or f"Go is not installed (needed to build {name})")
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building {tool.package}@{tool.version} from the Go module proxy (about a minute the first time)")
-    started = time.monotonic()
-    env = {**os.environ, "GOBIN": str(exe.parent), "CGO_ENABLED": "0"}
-    r = subprocess.run(["go", "install", f"{tool.package}@{tool.version}"], env=env)
-    if r.returncode != 0 or not exe.exists():
-        raise RuntimeError(f"go install {tool.package}@{tool.version} failed ({r.returncode})")
-    log(f"built {exe} in {time.monotonic() - started:.0f} s")
-    return exe
+    return gotools.build(TOOLS[name].name)
 
 
 def build_all() -> dict[str, Path]:
@@ -190,20 +154,9 @@ def kubeconform(manifests: str, *args: str, version: str = K8S_VERSION) -> subpr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/k8s_tools.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["build", "schemas"])
-    args = ap.parse_args(argv)
-    if args.command == "schemas":
-        print(schema_location())
-        return 0
-    why = missing_tools()
-    if why:
-        if os.environ.get("CI") == "true":
-            log(f"CI=true: the Kubernetes render and schema validation may not be skipped: {why}")
-            return 2
-        log(f"Kubernetes render and schema validation skipped: {why}")
-        return 0
-    for name, path in build_all().items():
-        print(f"{name} {TOOLS[name].version} {path}")
+    ap.add_argument("command", choices=["schemas"])
+    ap.parse_args(argv)
+    print(schema_location())
     return 0
 
 
