@@ -197,10 +197,15 @@ class RateLimitConfig:
         except ConfigError as e:
             raise ConfigError(file, e.line, e.reason) from None
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            # The line where the broken construct starts (an unclosed quote or
+            # bracket is only found at the end of the file).
+            context, problem = getattr(e, "context_mark", None), getattr(e, "problem_mark", None)
+            mark = context or problem
             line = mark.line + 1 if mark is not None else 0
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(file, line, f"error loading config file: {problem}") from None
+            reason = getattr(e, "problem", None) or str(e)
+            if context is not None and problem is not None and problem.line != context.line:
+                reason += f" (line {problem.line + 1}, {getattr(e, 'context', '')})"
+            raise ConfigError(file, line, f"error loading config file: {reason}") from None
         if root is None:
             root = _Map()
             root.line, root.key_lines = 1, {}

@@ -425,6 +425,70 @@ def test_two_replicas_sharing_redis_never_admit_more_than_the_limit(tmp_path: Pa
             assert r.stop() == 0, r.logs()
 
 
+def test_a_replica_sigkilled_mid_flood_never_lets_more_than_the_limit_through(tmp_path: Path,
+                                                                             valkey_url: str) -> None:
+    """300 concurrent calls over two replicas, one SIGKILLed after 100: the clients retry
+    on the survivor (as Envoy would on another endpoint). Admitted: never more than
+    the limit; fewer by at most the calls in flight on the killed replica (counted
+    on Redis, never answered)."""
+    import signal
+    import threading
+
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    (cfg / "k.yaml").write_text(textwrap.dedent("""\
+        domain: kill
+        descriptors:
+          - key: sliding
+            rate_limit: {unit: hour, requests_per_unit: 150, algorithm: sliding_window}
+        """))
+    env = dict(SYSDESIGN_REDIS_URL=valkey_url, SYSDESIGN_RATELIMIT_KEY_PREFIX=f"t{uid()}:",
+               SYSDESIGN_RATELIMIT_FAILURE_MODE="deny", SYSDESIGN_RATELIMIT_REDIS_TIMEOUT_MS="5000")
+    replicas = [ratelimit_server(tmp_path / f"data{i}", cfg, **env) for i in range(2)]
+    for r in replicas:
+        r.start(["serve", "--services", "ratelimit"])
+    stubs = [pbg.RateLimitServiceStub(r.channel()) for r in replicas]
+    killed = threading.Event()
+    lock = threading.Lock()
+    sent = 0
+    req = pb.RateLimitRequest(domain="kill", descriptors=[desc(("sliding", uid()))])
+    threads = 12
+
+    def one(i: int) -> int:
+        nonlocal sent
+        with lock:
+            sent += 1
+            if sent == 100 and not killed.is_set():
+                assert replicas[0].proc is not None
+                replicas[0].proc.send_signal(signal.SIGKILL)
+                killed.set()
+        for target in (i % 2, 1):
+            try:
+                return int(stubs[target].ShouldRateLimit(req, timeout=30).overall_code == OK)
+            except grpc.RpcError as err:
+                assert target == 0 and err.code() == grpc.StatusCode.UNAVAILABLE, err
+        raise AssertionError("unreachable")
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            admitted = sum(pool.map(one, range(300)))
+        assert killed.is_set() and replicas[0].proc is not None and replicas[0].proc.wait(10) == -signal.SIGKILL
+        assert 150 - threads <= admitted <= 150
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def test_sysdesign_up_serves_it_with_the_example_limits(stack: StackProcess) -> None:
+    with stack.channel() as ch:
+        st = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="envoy.service.ratelimit.v3.RateLimitService"), timeout=10)
+        assert st.status == health_pb2.HealthCheckResponse.SERVING
+        r = call(pbg.RateLimitServiceStub(ch), desc(("tier", "free"), ("user", uid())), domain="sysdesign")
+        assert r.overall_code == OK
+        assert r.statuses[0].current_limit.requests_per_unit == 60 and r.statuses[0].limit_remaining == 59
+
+
 def test_the_example_configs_load() -> None:
     from servers.ratelimit.config import load_directory
     from servers.ratelimit.service import EXAMPLES_DIR

@@ -500,3 +500,25 @@ def test_dockerfile_builds_one_non_root_image_for_every_process(rendered: dict[s
     assert not copied & set(ignored), "the build copies something .dockerignore drops"
     assert re.search(r"^image:.*\n\tdocker build -t \$\(IMAGE\) \.$",
                      (ROOT / "Makefile").read_text(encoding="utf-8"), flags=re.M)
+
+
+def test_the_rate_limit_service_reads_its_limits_from_a_hot_reloadable_configmap(objs: list[Obj]) -> None:
+    """Its ConfigMap keeps its name (no hash suffix: an edit updates the mounted files in
+    place and the pods reload them, instead of rolling them), is mounted where
+    SYSDESIGN_RATELIMIT_CONFIG_DIR points, and every file in it loads."""
+    from servers.ratelimit.config import RateLimitConfig
+
+    d = one(objs, "Deployment", "ratelimit")
+    c, = app_containers(d)
+    env = effective_env(objs, c)
+    cm = one(objs, "ConfigMap", "ratelimit-limits")
+    volumes = {v["name"]: v for v in pod(d)["volumes"]}
+    mounts = [m for m in c["volumeMounts"] if m["mountPath"] == env["SYSDESIGN_RATELIMIT_CONFIG_DIR"]]
+    assert len(mounts) == 1 and mounts[0].get("readOnly") is True
+    assert volumes[mounts[0]["name"]]["configMap"]["name"] == "ratelimit-limits"
+    assert env["SYSDESIGN_RATELIMIT_FAILURE_MODE"] in ("allow", "deny", "error")
+    cfg = RateLimitConfig()
+    for name, text in cm["data"].items():
+        assert name.endswith(".yaml"), name
+        cfg.load_text(name, text)
+    assert cfg.domains
