@@ -138,6 +138,7 @@ class _Stats:
 
     def __init__(self) -> None:
         self._by_key: dict[str, tuple[Any, ...]] = {}
+        self._not_found: dict[str, Any] = {}
 
     def of(self, full_key: str) -> tuple[Any, ...]:
         got = self._by_key.get(full_key)
@@ -150,6 +151,16 @@ class _Stats:
                                                       OVER_LIMIT_LOCAL, SHADOW_MODE))
             if len(self._by_key) < MAX_SERIES:
                 self._by_key[full_key] = got
+        return got
+
+    def not_found(self, domain: str) -> Any:
+        """The domain_not_found counter of a domain from a request (bounded like the keys)."""
+        got = self._not_found.get(domain)
+        if got is None:
+            label = _STAT_UNSAFE.sub("_", domain)[:MAX_LABEL] if len(self._not_found) < MAX_SERIES else "_overflow"
+            got = DOMAIN_NOT_FOUND.labels(label)
+            if len(self._not_found) < MAX_SERIES:
+                self._not_found[domain] = got
         return got
 
     def clear(self) -> None:
@@ -295,22 +306,22 @@ class RateLimitServicer(pb_grpc.RateLimitServiceServicer):
         default_hits = max(1, request.hits_addend)
         known = config.has_domain(domain)
         if not known:
-            DOMAIN_NOT_FOUND.labels(_STAT_UNSAFE.sub("_", domain)[:MAX_LABEL]).inc()
+            self.stats.not_found(domain).inc()
         items: list[_Item] = []
         replacing: set[str] = set()
         for d in request.descriptors:
             entries = [(e.key, e.value) for e in d.entries]
             hits = d.hits_addend.value if d.HasField("hits_addend") else default_hits
             limit: Limit | None
-            if d.HasField("limit"):
+            if not known:
+                limit = None  # an override of an unknown domain is ignored too, as Envoy's service does
+            elif d.HasField("limit"):
                 # A per-request override: a fixed window, never in shadow mode (as Envoy's service).
                 unit = ratelimit_unit_pb2.RateLimitUnit.Name(d.limit.unit)
                 key = domain + "." + ".".join(k + ("_" + v if v else "") for k, v in entries)
                 limit = Limit(full_key=key, requests_per_unit=d.limit.requests_per_unit, unit=unit)
-            elif known:
-                limit = config.get_limit(domain, entries)
             else:
-                limit = None
+                limit = config.get_limit(domain, entries)
             item = _Item(limit=limit, hits=hits)
             if limit is not None:
                 replacing.update(limit.replaces)
@@ -382,8 +393,9 @@ class RateLimitServicer(pb_grpc.RateLimitServiceServicer):
                 st.duration_until_reset.CopyFrom(_duration(d.reset_after_s))
                 self._count(it, d, over, near, within, local, ratio)
             if is_over and limit.shadow_mode:
-                shadow.inc(it.hits if d is None or d.local or d.before >= limit.requests_per_unit
-                           else max(0, d.after - limit.requests_per_unit))
+                q = limit.requests_per_unit
+                crossed = d is not None and not d.local and d.before < q < d.after  # a fixed window's count
+                shadow.inc(d.after - q if crossed else it.hits)  # type: ignore[union-attr]
                 is_over = False
             st.code = pb.RateLimitResponse.OVER_LIMIT if is_over else pb.RateLimitResponse.OK
             quota = limit.quota_mode
