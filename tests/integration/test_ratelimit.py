@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis as redis_lib
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as dpb
 from envoy.service.ratelimit.v3 import rls_pb2 as pb
 from envoy.service.ratelimit.v3 import rls_pb2_grpc as pbg
@@ -377,6 +378,21 @@ def test_redis_down_answers_the_failure_mode_quickly_and_recovers(tmp_path: Path
         assert url2 == url
         wait_for(lambda: call(stub, desc(("user", uid()))).statuses[0].limit_remaining == 2, "Redis back")
         assert call(stub, d).statuses[0].limit_remaining == 1
+        # Redis up but not answering (writes paused: the script waits): the timeout gives the failure mode
+        before = metric(s, f'ratelimit_service_failure_mode_total{{mode="{mode}"}}')
+        admin = redis_lib.Redis.from_url(url)
+        admin.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+        try:
+            slow = desc(("user", uid()))
+            if mode == "error":
+                expect_error(grpc.StatusCode.UNAVAILABLE, stub.ShouldRateLimit,
+                             pb.RateLimitRequest(domain="test", descriptors=[slow]))
+            else:
+                assert call(stub, slow).overall_code == (OK if mode == "allow" else OVER)
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+            admin.close()
+        assert metric(s, f'ratelimit_service_failure_mode_total{{mode="{mode}"}}') == before + 1
     finally:
         s.stop()
         redis.stop()
