@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import os
+from functools import cache
+from pathlib import Path
 
 import grpc
 
 DEFAULT_ADDR = "127.0.0.1:50051"
+# The retry policy every language's client uses (clients/README.md): idempotent
+# methods retry on UNAVAILABLE with backoff, the others only get a deadline.
+SERVICE_CONFIG = Path(__file__).resolve().parent / "service_config.json"
 
 
 def grpc_target() -> str:
     return os.environ.get("SYSDESIGN_GRPC_ADDR", DEFAULT_ADDR)
 
 
+@cache
+def channel_options() -> tuple[tuple[str, object], ...]:
+    return (("grpc.service_config", SERVICE_CONFIG.read_text()), ("grpc.enable_retries", 1))
+
+
 def channel(target: str | None = None) -> grpc.Channel:
-    return grpc.insecure_channel(target or grpc_target())
+    return grpc.insecure_channel(target or grpc_target(), options=channel_options())
 
 
 # A long-lived client (the interactive chat) retries on its own schedule: the channel
@@ -27,7 +37,7 @@ RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500),
 
 def aio_channel(target: str | None = None, *, reconnect_quickly: bool = False) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target or grpc_target(),
-                                     options=RECONNECT_OPTIONS if reconnect_quickly else None)
+                                     options=(*channel_options(), *(RECONNECT_OPTIONS if reconnect_quickly else ())))
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -21,13 +21,13 @@ import grpc
 import structlog
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from servers import systems
 from servers.platform.config import Config
 from servers.platform.interceptors import PlatformInterceptor
 from servers.platform.logs import access_log
 from servers.platform.metrics import BACKEND_UP, QUEUE_DEPTH, serve_metrics
+from servers.platform.reflection import enable_reflection
 from servers.platform.runtime import Runtime
 from servers.storage.cassandra_table import CassandraTableStore
 
@@ -79,9 +79,8 @@ class Stack:
                 self.service_names += s.register(registrar, rt)  # type: ignore[arg-type]
             self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-            reflection.enable_server_reflection(
-                [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME],
+            enable_reflection(
+                [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
                 self.server,
             )
             host, port = self.config.grpc_host_port

@@ -46,6 +46,15 @@ def check_key(key: str) -> str:
     return key
 
 
+def prefix_can_match(prefix: str) -> bool:
+    """Whether any valid key starts with ``prefix`` ("p//" and "../" never do).
+
+    MinIO refuses to list such a prefix (XMinioInvalidObjectName) where S3
+    answers an empty page, so the adapters answer it without asking.
+    """
+    return not prefix or bool(_KEY_RE.match(prefix + "a"))
+
+
 @dataclass(frozen=True)
 class BlobAttributes:
     size: int
@@ -73,7 +82,13 @@ class UploadPart:
 
 
 def check_parts(parts: Sequence[UploadPart]) -> tuple[list[UploadPart], int]:
-    """The parts in order and the object's size: numbered 1..n and contiguous, or ValueError."""
+    """The parts in order and the object's size: numbered 1..n and contiguous, or ValueError.
+
+    An upload needs at least one part (S3 refuses to complete one without);
+    an empty object is a plain put.
+    """
+    if not parts:
+        raise ValueError("a multipart upload needs at least one part")
     ordered = sorted(parts, key=lambda p: p.part_number)
     expected = 0
     for i, p in enumerate(ordered, start=1):

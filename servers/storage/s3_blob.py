@@ -32,6 +32,7 @@ from servers.storage.blob import (
     UploadPart,
     check_key,
     check_parts,
+    prefix_can_match,
 )
 
 T = TypeVar("T")
@@ -208,6 +209,8 @@ class S3BlobStore(BlobStore):
         await self._call(self._client.delete_object, Bucket=self.bucket, Key=key)
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
+        if not prefix_can_match(prefix):
+            return
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}

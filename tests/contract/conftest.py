@@ -6,7 +6,10 @@
   keyspace per run, dropped at the end. Without a node that half is skipped
   with the reason, except under ``CI=true``, where it fails.
 - blob: the filesystem (a directory per test) always; S3 always, against a
-  moto server run as a separate process for the session (a bucket per test).
+  moto server run as a separate process for the session (a bucket per test),
+  and against a real MinIO server (built from the Go module proxy by
+  ``scripts/minio.py build``, which ``make test`` runs first). Without Go the
+  MinIO half is skipped with the reason, except under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,6 +103,21 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def minio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real MinIO server in its own process for the whole session."""
+    from clients.minio_server import MinioServer, missing_tools
+
+    why = missing_tools()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: the MinIO half may not be skipped: {why}")
+        pytest.skip(f"MinIO half skipped: {why}")
+    server = MinioServer(tmp_path_factory.mktemp("minio") / "data").start()
+    yield server
+    server.stop()
+
+
 @dataclass
 class BlobBackend:
     name: str
@@ -107,7 +126,7 @@ class BlobBackend:
     setup: Callable[[], Awaitable[None]]
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", "moto", "minio"])
 def blob_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BlobBackend:
     if request.param == "filesystem":
         from servers.storage.fs_blob import FilesystemBlobStore
@@ -119,15 +138,18 @@ def blob_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BlobBackend:
 
         return BlobBackend("filesystem", lambda: FilesystemBlobStore(root), nothing)
 
-    endpoint = request.getfixturevalue("moto_endpoint")
     from servers.storage.s3_blob import S3BlobStore
 
+    if request.param == "moto":
+        endpoint, access, secret = request.getfixturevalue("moto_endpoint"), "test", "test"
+    else:
+        server = request.getfixturevalue("minio")
+        env = server.env()
+        endpoint, access, secret = server.endpoint, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
     bucket = "contract-" + secrets.token_hex(6)
 
     def make() -> S3BlobStore:
-        return S3BlobStore(
-            bucket, endpoint_url=endpoint, access_key="test", secret_key="test"
-        )
+        return S3BlobStore(bucket, endpoint_url=endpoint, access_key=access, secret_key=secret)
 
     async def create() -> None:
         store = make()
@@ -136,7 +158,7 @@ def blob_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BlobBackend:
         finally:
             await store.close()
 
-    return BlobBackend("s3", make, create)
+    return BlobBackend(request.param, make, create)
 
 
 @pytest.fixture

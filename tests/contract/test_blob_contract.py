@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from servers.storage.blob import BlobNotFound, BlobStore, InvalidBlobKey
+from tests.contract.conftest import BlobBackend
 
 
 def md5(data: bytes) -> str:
@@ -99,8 +100,22 @@ async def test_not_found(blob_store: BlobStore) -> None:
         await blob_store.get("no/such/key")
 
 
-async def test_keys_are_independent_of_prefixes(blob_store: BlobStore) -> None:
+# MinIO stores each object as a directory of its own on its drives, so it does
+# not support a key that is a path prefix of another ("a" beside "a/b/c"): its
+# listing hides the longer keys. S3, moto and the filesystem adapter do; the
+# project's key layouts never need it (media/<id>/<file>, media-staging/<id>,
+# pastes/<id>), and keys of new systems must not either.
+PREFIX_OBJECTS_UNSUPPORTED = {"minio": "MinIO does not support an object whose key is a path prefix of another's"}
+
+
+def _needs_prefix_objects(backend: BlobBackend) -> None:
+    if backend.name in PREFIX_OBJECTS_UNSUPPORTED:
+        pytest.skip(PREFIX_OBJECTS_UNSUPPORTED[backend.name])
+
+
+async def test_keys_are_independent_of_prefixes(blob_store: BlobStore, blob_backend: BlobBackend) -> None:
     """As on S3, "a" and "a/b" are two keys that can both exist."""
+    _needs_prefix_objects(blob_backend)
     await blob_store.put("a", b"file a")
     await blob_store.put("a/b", b"file a/b")
     await blob_store.put("a/b/c", b"file a/b/c")
@@ -114,6 +129,25 @@ async def test_keys_are_independent_of_prefixes(blob_store: BlobStore) -> None:
 
 
 async def test_iter_keys_with_prefix_in_order(blob_store: BlobStore) -> None:
+    names = [
+        "p/b", "p/a/w", "p/a-1", "p/a.z", "p/aa", "p/A", "p/a/y/z", "p0", "q/1",
+        "p/0", "p/_u", "p/(x)", "p/a/x/1", "p/a/x2",
+    ]
+    await asyncio.gather(*(blob_store.put(n, n.encode()) for n in names))
+    assert await keys(blob_store) == sorted(names)
+    assert await keys(blob_store, "p/") == sorted(n for n in names if n.startswith("p/"))
+    assert await keys(blob_store, "p") == sorted(n for n in names if n.startswith("p"))
+    assert await keys(blob_store, "p/a") == sorted(n for n in names if n.startswith("p/a"))
+    assert await keys(blob_store, "p/a/") == ["p/a/w", "p/a/x/1", "p/a/x2", "p/a/y/z"]
+    assert await keys(blob_store, "p/a/x") == ["p/a/x/1", "p/a/x2"]
+    assert await keys(blob_store, "zzz") == []
+    assert await keys(blob_store, "p//") == []
+    assert await keys(blob_store, "../") == []
+
+
+async def test_iter_keys_lists_keys_that_are_prefixes_of_others(blob_store: BlobStore,
+                                                                blob_backend: BlobBackend) -> None:
+    _needs_prefix_objects(blob_backend)
     names = [
         "p/b", "p/a", "p/a/x", "p/a-1", "p/a.z", "p/aa", "p/A", "p/a/y/z", "p0", "p", "q/1",
         "p/0", "p/_u", "p/(x)", "p/a/x/1",

@@ -13,20 +13,20 @@ import urllib.request
 
 import pytest
 
-from servers.storage.blob import BlobError, BlobNotFound, BlobStore, UploadNotFound
-from servers.storage.fs_blob import FilesystemBlobStore
+from servers.storage.blob import BlobError, BlobNotFound, BlobStore, UploadNotFound, UploadPart
+from tests.contract.conftest import BlobBackend
 
 MiB = 1024 * 1024
 PART = 5 * MiB
 
 
-def _gone(store: BlobStore) -> type[BlobError]:
+def _gone(backend: BlobBackend) -> type[BlobError]:
     """What a part sent to an aborted or unknown upload raises.
 
-    S3 answers NoSuchUpload (UploadNotFound); moto answers 500 instead, so
-    against it only the failure itself is asserted.
+    S3 (and MinIO) answer NoSuchUpload (UploadNotFound); moto answers 500
+    instead, so against it only the failure itself is asserted.
     """
-    return UploadNotFound if isinstance(store, FilesystemBlobStore) else BlobError
+    return BlobError if backend.name == "moto" else UploadNotFound
 
 
 def _data(n: int, seed: int = 1) -> bytes:
@@ -55,7 +55,7 @@ async def test_multipart_assembles_parts_in_order(blob_store: BlobStore) -> None
     assert attrs.etag.endswith("-3")
 
 
-async def test_nothing_is_visible_before_complete(blob_store: BlobStore) -> None:
+async def test_nothing_is_visible_before_complete(blob_store: BlobStore, blob_backend: BlobBackend) -> None:
     key = "staging/b/source"
     uid = await blob_store.create_multipart(key)
     await blob_store.upload_part(key, uid, 1, 0, _data(PART))
@@ -63,7 +63,7 @@ async def test_nothing_is_visible_before_complete(blob_store: BlobStore) -> None
     assert [k async for k in blob_store.iter_keys("staging/")] == []
     await blob_store.abort_multipart(key, uid)
     assert not await blob_store.exists(key)
-    with pytest.raises(_gone(blob_store)):
+    with pytest.raises(_gone(blob_backend)):
         await blob_store.upload_part(key, uid, 2, PART, b"x")
     await blob_store.abort_multipart(key, uid)  # idempotent
 
@@ -86,15 +86,17 @@ async def test_completing_needs_contiguous_parts(blob_store: BlobStore) -> None:
     p3 = await blob_store.upload_part(key, uid, 3, 2 * PART, b"gap before me")
     with pytest.raises(ValueError):
         await blob_store.complete_multipart(key, uid, [p1, p3])
+    with pytest.raises(ValueError):
+        await blob_store.complete_multipart(key, uid, [])
     assert not await blob_store.exists(key)
     await blob_store.abort_multipart(key, uid)
 
 
-async def test_unknown_upload_is_not_found(blob_store: BlobStore) -> None:
-    with pytest.raises(_gone(blob_store)):
+async def test_unknown_upload_is_not_found(blob_store: BlobStore, blob_backend: BlobBackend) -> None:
+    with pytest.raises(_gone(blob_backend)):
         await blob_store.upload_part("staging/e", "0" * 32, 1, 0, b"x")
-    with pytest.raises(_gone(blob_store)):
-        await blob_store.complete_multipart("staging/e", "f" * 32, [])
+    with pytest.raises(_gone(blob_backend)):
+        await blob_store.complete_multipart("staging/e", "f" * 32, [UploadPart(1, 0, 1, "0" * 32)])
     assert issubclass(UploadNotFound, BlobNotFound)
 
 
