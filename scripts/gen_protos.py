@@ -18,6 +18,9 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
+# The top-level packages under protos/: sysdesign's own contracts, and Envoy's
+# rate limit service contract (same full names and field numbers as Envoy's).
+ROOTS = ("sysdesign", "envoy")
 
 
 def generate(out: Path) -> list[Path]:
@@ -40,20 +43,23 @@ def generate(out: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     # Regular packages, so setuptools finds them and mypy resolves them.
-    for d in [p for p in out.rglob("*") if p.is_dir()] + [out / "sysdesign"]:
+    for d in [p for p in out.rglob("*") if p.is_dir()]:
         if "__pycache__" in d.parts:
             continue
         init = d / "__init__.py"
         if not init.exists():
             init.write_text("")
-    (out / "sysdesign" / "py.typed").write_text("")
+    for top in ROOTS:
+        (out / top / "py.typed").write_text("")
     return sources
 
 
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "generated"
-    if out == ROOT / "generated" and (out / "sysdesign").exists():
-        shutil.rmtree(out / "sysdesign")
+    if out == ROOT / "generated":
+        for top in ROOTS:
+            if (out / top).exists():
+                shutil.rmtree(out / top)
     sources = generate(out)
     print(f"generated stubs for {len(sources)} protos into {out}")
 

@@ -20,6 +20,7 @@ from servers.media import edge as media_edge
 from servers.media import service as media
 from servers.media import worker as media_worker
 from servers.platform.runtime import Runtime
+from servers.ratelimit import service as ratelimit
 from servers.shortener import paste
 from servers.shortener import service as shortener
 from servers.storage.queue import Job, JobQueue
@@ -66,6 +67,8 @@ SYSTEMS: dict[str, System] = {
         workers=[Worker("media", media_core.transcode_queue, media_worker.handle_transcode)],
         edge_routes=media_edge.routes,
     ),
+    # Envoy's envoy.service.ratelimit.v3.RateLimitService (protos/envoy/service/ratelimit/v3).
+    "ratelimit": System("ratelimit", ratelimit.register, ratelimit.PUBLIC_METHODS, ratelimit.TABLES),
 }
 
 WORKERS: dict[str, Worker] = {w.name: w for s in SYSTEMS.values() for w in s.workers}

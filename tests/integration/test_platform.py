@@ -17,6 +17,7 @@ SERVICES = [
     "sysdesign.identity.v1.IdentityService",
     "sysdesign.shortener.v1.ShortenerService",
     "sysdesign.shortener.v1.PasteService",
+    "envoy.service.ratelimit.v3.RateLimitService",
 ]
 
 
