@@ -90,3 +90,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data build *.egg-info
+
+# One language's client walk (clients/README.md) against the stack `make run`
+# started: make walk-go, walk-java, walk-typescript, walk-rust, walk-python.
+walk-%: $(RUN_STAMP)
+	$(PY) -m clients.walk $*

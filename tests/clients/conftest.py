@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from sysdesign.chat.v1 import chat_pb2 as chat
-from sysdesign.chat.v1 import chat_pb2_grpc as chat_grpc
 from sysdesign.feed.v1 import feed_pb2 as feed
 from sysdesign.feed.v1 import feed_pb2_grpc as feed_grpc
 from sysdesign.media.v1 import media_pb2 as media
@@ -33,7 +27,8 @@ from sysdesign.media.v1 import media_pb2_grpc as media_grpc
 from sysdesign.shortener.v1 import shortener_pb2 as shortener
 from sysdesign.shortener.v1 import shortener_pb2_grpc as shortener_grpc
 
-from tests.stack import ROOT, StackProcess
+from clients.walk import LANGUAGES, ChatPeer, Language, noise_png, walk_env
+from tests.stack import StackProcess
 
 PEER_POSTS = 5
 
@@ -57,71 +52,6 @@ def build(argv: list[str], cwd: Path, *, timeout: float = 1200, env: dict[str, s
                                  f"{out.stdout.decode()[-4000:]}\n{out.stderr.decode()[-6000:]}")
 
 
-@dataclass
-class ChatPeer:
-    """A Python user on the other end: echoes every message it gets and marks it read."""
-
-    stack: StackProcess
-    username: str
-    token: str
-    user_id: str = ""
-    received: list[Any] = field(default_factory=list)
-    _outbox: queue.Queue[Any] = field(default_factory=queue.Queue)
-    _thread: threading.Thread | None = None
-    _call: Any = None
-    _synced: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def md(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),)
-
-    def start(self) -> ChatPeer:
-        channel = self.stack.channel()
-        stub = chat_grpc.ChatServiceStub(channel)
-
-        def events() -> Iterator[Any]:
-            yield chat.ClientEvent(hello=chat.Hello(device_id="python-peer"))
-            while True:
-                ev = self._outbox.get()
-                if ev is None:
-                    return
-                yield ev
-
-        self._call = stub.Connect(events(), metadata=self.md)
-
-        def run() -> None:
-            try:
-                for ev in self._call:
-                    kind = ev.WhichOneof("event")
-                    if kind == "synced":
-                        self._synced.set()
-                    elif kind == "message" and ev.message.sender_username != self.username:
-                        m = ev.message
-                        self.received.append(m)
-                        self._outbox.put(chat.ClientEvent(ack_delivered=chat.AckDeliveredEvent(
-                            conversation_id=m.conversation_id, up_to_message_id=m.message_id)))
-                        self._outbox.put(chat.ClientEvent(mark_read=chat.MarkReadEvent(
-                            conversation_id=m.conversation_id, up_to_message_id=m.message_id)))
-                        self._outbox.put(chat.ClientEvent(send=chat.SendEvent(
-                            client_message_id=f"echo-{m.message_id}", conversation_id=m.conversation_id,
-                            text=f"echo: {m.text}")))
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.CANCELLED:
-                    raise
-
-        self._thread = threading.Thread(target=run, name="chat-peer", daemon=True)
-        self._thread.start()
-        assert self._synced.wait(60), "the peer's chat stream never synced:\n" + self.stack.logs()[-3000:]
-        return self
-
-    def stop(self) -> None:
-        self._outbox.put(None)
-        if self._call is not None:
-            self._call.cancel()
-        if self._thread is not None:
-            self._thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def walk_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
     s = StackProcess(tmp_path_factory.mktemp("clients") / "data").start()
@@ -134,12 +64,8 @@ def walk_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProces
 def peer(walk_stack: StackProcess) -> Iterator[ChatPeer]:
     """A user with posts to follow, connected to chat for the whole module."""
     name = "peer_" + uuid.uuid4().hex[:8]
-    p = ChatPeer(walk_stack, name, walk_stack.token(name))
-    with walk_stack.channel() as ch:
-        posts = feed_grpc.PostServiceStub(ch)
-        for i in range(PEER_POSTS):
-            r = posts.CreatePost(feed.CreatePostRequest(text=f"post {i} by {name}"), metadata=p.md)
-            p.user_id = r.post.author_id
+    p = ChatPeer(walk_stack.grpc_addr, name, walk_stack.token(name))
+    p.post(PEER_POSTS)
     p.start()
     yield p
     p.stop()
@@ -148,32 +74,15 @@ def peer(walk_stack: StackProcess) -> Iterator[ChatPeer]:
 @pytest.fixture(scope="module")
 def upload_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real PNG of noise, about 3 MiB: several of the server's upload chunks, so a resume means something."""
-    from servers.media.ffmpeg import ffmpeg_exe
-
-    path = tmp_path_factory.mktemp("upload") / "noise.png"
-    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
-                        "nullsrc=s=1024x1024,geq=random(1)*255:random(2)*255:random(3)*255",
-                        "-frames:v", "1", str(path)], capture_output=True, timeout=120)
-    assert r.returncode == 0, r.stderr.decode()
-    return path
+    return noise_png(tmp_path_factory.mktemp("upload") / "noise.png")
 
 
 def run_walk(stack: StackProcess, peer: ChatPeer, upload: Path, argv: list[str], cwd: Path, *,
              language: str, timeout: float = 300, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run a client's walk; returns its JSON summary (the last stdout line)."""
     username = f"{language}_" + uuid.uuid4().hex[:8]
-    walk_env = {
-        **os.environ,
-        "SYSDESIGN_GRPC_ADDR": stack.grpc_addr,
-        "SYSDESIGN_EDGE_URL": stack.http_base,
-        "SYSDESIGN_WALK_USERNAME": username,
-        "SYSDESIGN_WALK_PASSWORD": "walk-" + uuid.uuid4().hex,
-        "SYSDESIGN_WALK_PEER": peer.username,
-        "SYSDESIGN_WALK_FILE": str(upload),
-        "SYSDESIGN_SERVICE_CONFIG": str(ROOT / "clients" / "service_config.json"),
-        **(env or {}),
-    }
-    out = subprocess.run(argv, cwd=str(cwd), env=walk_env, capture_output=True, timeout=timeout)
+    env = {**walk_env(stack.grpc_addr, peer, upload, username), **(env or {})}
+    out = subprocess.run(argv, cwd=str(cwd), env=env, capture_output=True, timeout=timeout)
     stdout, stderr = out.stdout.decode(), out.stderr.decode()
     assert out.returncode == 0, (f"the {language} walk exited {out.returncode}:\n--- stdout\n{stdout[-4000:]}\n"
                                  f"--- stderr\n{stderr[-6000:]}\n--- stack\n{stack.logs()[-3000:]}")
@@ -227,3 +136,14 @@ def check_walk(stack: StackProcess, peer: ChatPeer, upload: Path, s: dict[str, A
         # Rich error: a bad request came back INVALID_ARGUMENT naming the field.
         assert s["bad_request_code"] == "INVALID_ARGUMENT", s
         assert "long_url" in s["bad_request_fields"], s
+
+
+def walk_language(name: str, stack: StackProcess, peer: ChatPeer, upload: Path) -> dict[str, Any]:
+    """Build a language's client (clients/walk.py's table), run its walk, prove every step."""
+    lang: Language = LANGUAGES[name]
+    require_toolchain(lang.title, *lang.tools)
+    for step in lang.build:
+        build(list(step), lang.dir)
+    summary = run_walk(stack, peer, upload, lang.argv(), lang.dir, language=name)
+    check_walk(stack, peer, upload, summary)
+    return summary

@@ -1,20 +1,15 @@
-"""The Java walk (clients/java): grpc-java stubs generated from protos/ by the protobuf Maven plugin."""
+"""The Java walk (clients/java): grpc-java stubs from the protobuf Maven plugin, one shaded jar."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.clients.conftest import ChatPeer, build, check_walk, require_toolchain, run_walk
-from tests.stack import ROOT, StackProcess
+import pytest
 
-JAVA = ROOT / "clients" / "java"
+from tests.clients.conftest import ChatPeer, walk_language
+from tests.stack import StackProcess
 
 
+@pytest.mark.timeout(1200)  # the build and the stack start count against it; a cold build is minutes
 def test_java_walk(walk_stack: StackProcess, peer: ChatPeer, upload_file: Path) -> None:
-    require_toolchain("Java", "java", "mvn")
-    # generate-sources runs protoc and protoc-gen-grpc-java (both from Maven Central) on ../../protos;
-    # package shades the program and its dependencies into one runnable jar.
-    build(["mvn", "-q", "-B", "package"], JAVA)
-    summary = run_walk(walk_stack, peer, upload_file, ["java", "-jar", "target/sysdesign-walk.jar"], JAVA,
-                       language="java")
-    check_walk(walk_stack, peer, upload_file, summary)
+    walk_language("java", walk_stack, peer, upload_file)

@@ -1,15 +1,15 @@
-"""The reference walk (clients/python/walk.py): proves the harness every other language's walk uses."""
+"""The reference walk (clients/python/walk.py): the generated Python stubs, no SDK helper."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from tests.clients.conftest import ChatPeer, check_walk, run_walk
-from tests.stack import ROOT, StackProcess
+import pytest
+
+from tests.clients.conftest import ChatPeer, walk_language
+from tests.stack import StackProcess
 
 
+@pytest.mark.timeout(1200)  # the build and the stack start count against it; a cold build is minutes
 def test_python_walk(walk_stack: StackProcess, peer: ChatPeer, upload_file: Path) -> None:
-    summary = run_walk(walk_stack, peer, upload_file, [sys.executable, "clients/python/walk.py"], ROOT,
-                       language="python")
-    check_walk(walk_stack, peer, upload_file, summary)
+    walk_language("python", walk_stack, peer, upload_file)
