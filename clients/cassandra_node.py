@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clients.loopback import free_port
+
 VERSION = os.environ.get("SYSDESIGN_CASSANDRA_VERSION", "5.0.9")
 ARTIFACT = f"org.apache.cassandra:cassandra-all:{VERSION}"
 HEAP = os.environ.get("SYSDESIGN_CASSANDRA_HEAP", "1G")
@@ -151,11 +153,6 @@ def classpath() -> str:
     log(f"resolved in {time.monotonic() - t0:.0f} s, cached in {cp_file}")
     return cp_file.read_text().strip()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(node: Path, native_port: int, storage_port: int) -> Path:

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,17 @@ TOOLS = {t.name: t for t in [
 
 def log(msg: str) -> None:
     print(f"gotools: {msg}", file=sys.stderr, flush=True)
+
+
+def unavailable(what: str, why: str, *, prefix: str = "", ci_prefix: str | None = None,
+                file: TextIO | None = None) -> int:
+    """Say in one line that ``what`` is skipped because ``why``: exit 0, or 2 under CI=true."""
+    out = file or sys.stderr
+    if os.environ.get("CI") == "true":
+        print(f"{prefix if ci_prefix is None else ci_prefix}CI=true: {what} may not be skipped: {why}", file=out)
+        return 2
+    print(f"{prefix}{what} skipped: {why}", file=out)
+    return 0
 
 
 def missing_go(tool: GoTool) -> str:
@@ -105,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         why = missing_go(TOOLS[name])
         if why:
-            if os.environ.get("CI") == "true":
-                log(f"CI=true: what needs {name} may not be skipped: {why}")
+            if unavailable(name, why, prefix="gotools: "):
                 return 2
-            log(f"{name} skipped: {why}")
             continue
         print(build(name))
     return 0

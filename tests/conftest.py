@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -67,6 +68,13 @@ def redis_cluster(request: pytest.FixtureRequest,
 # Cassandra node that `scripts/cassandra.py run -- ...` started (make test
 # does both).
 # ---------------------------------------------------------------------------
+
+
+def skip_or_fail(what: str, why: str) -> NoReturn:
+    """Skip with one line saying why ``what`` cannot run here; under CI=true that is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {what} may not be skipped: {why}")
+    pytest.skip(f"{what} skipped: {why}")
 
 
 def cassandra_unavailable() -> str:

@@ -6,7 +6,6 @@ import atexit
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,11 +133,6 @@ def keys(url: str, pattern: str) -> list[bytes]:
         node.close()
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

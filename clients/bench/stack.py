@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,11 @@ from pathlib import Path
 from typing import IO
 
 from clients.bench.loadgen import HarnessError
+from clients.loopback import free_port
 
 STACK_VARS = ("SYSDESIGN_DATA_DIR", "SYSDESIGN_GRPC_ADDR", "SYSDESIGN_HTTP_ADDR",
               "SYSDESIGN_METRICS_ADDR")
 
-
-def free_port() -> int:
-    """A port the kernel considers free on 127.0.0.1 now (bound once, released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sysdesign_command() -> list[str]:

@@ -11,7 +11,6 @@ the rich error named its field.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import uuid
@@ -27,7 +26,8 @@ from sysdesign.media.v1 import media_pb2_grpc as media_grpc
 from sysdesign.shortener.v1 import shortener_pb2 as shortener
 from sysdesign.shortener.v1 import shortener_pb2_grpc as shortener_grpc
 
-from clients.walk import LANGUAGES, ChatPeer, Language, noise_png, walk_env
+from clients.walk import LANGUAGES, ChatPeer, Language, build, noise_png, walk_env
+from tests.conftest import skip_or_fail
 from tests.stack import StackProcess
 
 PEER_POSTS = 5
@@ -36,20 +36,8 @@ PEER_POSTS = 5
 def require_toolchain(language: str, *binaries: str) -> None:
     """Skip with one line when a toolchain is missing; under CI=true that is a failure."""
     missing = [b for b in binaries if shutil.which(b) is None]
-    if not missing:
-        return
-    why = f"{language} client skipped: {', '.join(missing)} not on PATH"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true: the {language} client may not be skipped ({why})")
-    pytest.skip(why)
-
-
-def build(argv: list[str], cwd: Path, *, timeout: float = 1200, env: dict[str, str] | None = None) -> None:
-    """Run a build step; its output is shown only when it fails."""
-    out = subprocess.run(argv, cwd=str(cwd), capture_output=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
-    assert out.returncode == 0, (f"{' '.join(argv)} failed ({out.returncode}) in {cwd}:\n"
-                                 f"{out.stdout.decode()[-4000:]}\n{out.stderr.decode()[-6000:]}")
+    if missing:
+        skip_or_fail(f"the {language} client", f"{', '.join(missing)} not on PATH")
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +130,7 @@ def walk_language(name: str, stack: StackProcess, peer: ChatPeer, upload: Path) 
     """Build a language's client (clients/walk.py's table), run its walk, prove every step."""
     lang: Language = LANGUAGES[name]
     require_toolchain(lang.title, *lang.tools)
-    for step in lang.build:
-        build(list(step), lang.dir)
+    build(lang)
     summary = run_walk(stack, peer, upload, lang.argv(), lang.dir, language=name)
     check_walk(stack, peer, upload, summary)
     return summary

@@ -26,7 +26,7 @@ import pytest
 
 from servers.storage.blob import BlobStore
 from servers.storage.table import TableStore
-from tests.conftest import cassandra_unavailable
+from tests.conftest import cassandra_unavailable, skip_or_fail
 from tests.s3server import moto_server
 from tests.stack import free_port
 
@@ -51,9 +51,7 @@ def cassandra_keyspace() -> Iterator[str]:
     hosts = os.environ.get(CASSANDRA_ENV, "")
     if not hosts:
         why = cassandra_unavailable()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: the Cassandra half may not be skipped: {why}")
-        pytest.skip(f"Cassandra half skipped: {why}")
+        skip_or_fail("Cassandra half", why)
     keyspace = "sysdesign_test_" + secrets.token_hex(4)
     yield keyspace
     # Drop the run's keyspace (best effort).
@@ -110,9 +108,7 @@ def minio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     why = missing_tools()
     if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: the MinIO half may not be skipped: {why}")
-        pytest.skip(f"MinIO half skipped: {why}")
+        skip_or_fail("MinIO half", why)
     server = MinioServer(tmp_path_factory.mktemp("minio") / "data").start()
     yield server
     server.stop()
