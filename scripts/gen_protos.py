@@ -18,9 +18,11 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-# The top-level packages under protos/: sysdesign's own contracts, and Envoy's
-# rate limit service contract (same full names and field numbers as Envoy's).
-ROOTS = ("sysdesign", "envoy")
+# The top-level packages under protos/: sysdesign's own contracts, Envoy's
+# rate limit service contract (same full names and field numbers as Envoy's),
+# and protovalidate's rule annotations (buf/validate/validate.proto, as
+# published in build.buf:protovalidate on Maven Central; protos/buf/README.md).
+ROOTS = ("sysdesign", "envoy", "buf")
 
 
 def generate(out: Path) -> list[Path]:

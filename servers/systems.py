@@ -47,6 +47,9 @@ class System:
     # Routes this system adds to the HTTP edge (media bytes, attachment downloads):
     # called with the aiohttp application and the process's Runtime.
     edge_routes: Callable[[Any, Runtime], None] | None = None
+    # Bidirectional streams whose handlers check each message's declared rules
+    # themselves, answering a bad one on the stream (servers/platform/validation.py).
+    own_stream_checks: set[str] = field(default_factory=set)
 
 
 SYSTEMS: dict[str, System] = {
@@ -56,7 +59,7 @@ SYSTEMS: dict[str, System] = {
         workers=[Worker("blobgc", paste.blob_gc_queue, paste.handle_blob_gc)],
     ),
     "chat": System("chat", chat.register, chat.PUBLIC_METHODS, chat.TABLES,
-                   edge_routes=chat.edge_routes),
+                   edge_routes=chat.edge_routes, own_stream_checks={chat.CONNECT_METHOD}),
     # GraphService, PostService and TimelineService, and the fan-out-on-write worker.
     "feed": System(
         "feed", feed.register, feed.PUBLIC_METHODS, feed.TABLES,

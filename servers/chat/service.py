@@ -22,6 +22,9 @@ from servers.platform.runtime import Runtime
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 PUBLIC_METHODS: set[str] = set()
+# Connect answers a bad event with an error event and keeps the stream open
+# (the session checks each event's declared rules itself).
+CONNECT_METHOD = "/sysdesign.chat.v1.ChatService/Connect"
 
 
 def conversation_pb(row: dict[str, Any], *, member_count: int = 0,

@@ -37,6 +37,7 @@ from sysdesign.chat.v1 import chat_pb2 as pb
 from servers.chat import validation as val
 from servers.chat.core import SEND_TIMEOUT_S, ChatCore
 from servers.chat.hub import HEARTBEAT_INTERVAL_S, RECEIPT_PUSH_MAX_MEMBERS, Hub
+from servers.platform import validation
 from servers.platform.auth import require_caller
 from servers.platform.errors import InvalidArgument, ServiceError, Unavailable, Violations
 from servers.platform.interceptors import BACKEND_ERRORS
@@ -200,9 +201,12 @@ class Connection:
             field = "hello.device_id"
         else:
             field = "x-device-id"
-        v = Violations()
-        val.check_token(device, v, field)
-        v.raise_if_any()
+        if field == "hello.device_id":
+            validation.check(first)
+        else:
+            v = Violations()
+            val.check_token(device, v, field)
+            v.raise_if_any()
 
         session = Session(caller.user_id, caller.username, device)
         reader: asyncio.Task[None] | None = None
@@ -280,6 +284,10 @@ class Connection:
         kind = ev.WhichOneof("event")
         cmid = ev.send.client_message_id if kind == "send" else ""
         try:
+            if kind is not None:
+                # Paths relative to the event, as for the unary twin
+                # (SendMessageRequest): "conversation_id", "text".
+                validation.check(getattr(ev, kind))
             if kind == "send":
                 await self._send(s, ev)
             elif kind == "ack_delivered":

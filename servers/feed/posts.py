@@ -47,7 +47,6 @@ from servers.storage.table import TableStore
 TOMBSTONE = b"-"
 COUNT_FIELDS = ["like", "reply", "repost"]
 HASH_FIELDS = ["v", *COUNT_FIELDS]
-MAX_BATCH = 100
 
 
 def post_tag(post_id: int) -> str:

@@ -30,12 +30,12 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 from redis import exceptions as redis_exceptions
 
-from servers.platform import auth
+from servers.platform import auth, validation
 from servers.platform.errors import InvalidArgument, ServiceError, Unavailable, internal_status
 from servers.platform.logs import access_log
 from servers.platform.metrics import GRPC_LATENCY, GRPC_REQUESTS
@@ -90,17 +90,52 @@ class _Undecodable:
         self.error = error
 
 
-def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+class _Invalid:
+    """Stands in for a request that breaks the rules its proto declares (servers/platform/validation.py)."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = violations
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None,
+                       check: bool = True) -> Callable[[bytes], Any] | None:
+    """Decode a request and check its declared rules, without raising inside gRPC's deserializer."""
     if deserialize is None:
         return None
 
     def wrapped(data: bytes) -> Any:
         try:
-            return deserialize(data)
+            message = deserialize(data)
         except DecodeError as exc:
             return _Undecodable(exc)
+        # A handler's own decoder may hand out something that is not a
+        # message (MediaService.Upload's zero-copy chunks, servers/media/wire.py):
+        # that handler checks those rules itself.
+        if check and isinstance(message, Message):
+            found = validation.violations(message)
+            if found:
+                return _Invalid(found)
+        return message
 
     return wrapped
+
+
+def _refusal(request: Any) -> InvalidArgument | None:
+    """The error a request stand-in becomes, or None for a message to hand to the handler."""
+    if isinstance(request, _Undecodable):
+        return _undecodable(request)
+    if isinstance(request, _Invalid):
+        return InvalidArgument(request.violations)
+    return None
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream whose messages are decoded and valid: the first that is not ends the call."""
+    async for request in requests:
+        err = _refusal(request)
+        if err is not None:
+            raise err
+        yield request
 
 
 # A backend that does not answer is not a bug: UNAVAILABLE tells clients to retry.
@@ -146,9 +181,14 @@ class PlatformInterceptor:
     reflection are registered on the server directly and stay unwrapped.
     """
 
-    def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True):
+    def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True,
+                 own_stream_checks: set[str] | None = None):
         self._signer = signer
         self._public = set(public_methods)
+        # Bidirectional streams that answer a bad message with an error event on
+        # the stream instead of ending the call: their handlers check each
+        # message themselves (validation.violations).
+        self._own_checks = set(own_stream_checks or ())
         self._access_log = access_log
         self._requests: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._latency: dict[str, Any] = {}
@@ -158,21 +198,22 @@ class PlatformInterceptor:
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         public = method in self._public
-        deserialize = _safe_deserializer(handler.request_deserializer)
+        own = method in self._own_checks
+        deserialize = _safe_deserializer(handler.request_deserializer, check=not own)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, public),
+                self._wrap_unary(handler.unary_unary, method, public, stream_in=False),
                 deserialize, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, public),
+                self._wrap_unary(handler.stream_unary, method, public, stream_in=True),
                 deserialize, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, public),
+                self._wrap_stream(handler.unary_stream, method, public, stream_in=False),
                 deserialize, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method, public),
+            self._wrap_stream(handler.stream_stream, method, public, stream_in=not own),
             deserialize, handler.response_serializer)
 
     # -- per-call steps ---------------------------------------------------
@@ -226,7 +267,7 @@ class PlatformInterceptor:
         return remaining
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str,
-                    public: bool) -> Callable[..., Awaitable[Any]]:
+                    public: bool, *, stream_in: bool) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             rid, caller, err = self._begin(context, public)
@@ -237,8 +278,12 @@ class PlatformInterceptor:
             try:
                 if err is not None:
                     raise err
-                if isinstance(request, _Undecodable):
-                    raise _undecodable(request)
+                if stream_in:
+                    request = _checked(request)
+                else:
+                    refused = _refusal(request)
+                    if refused is not None:
+                        raise refused
                 async with asyncio.timeout(self._timeout(context)):
                     return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -255,7 +300,7 @@ class PlatformInterceptor:
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str,
-                     public: bool) -> Callable[..., AsyncIterator[Any]]:
+                     public: bool, *, stream_in: bool) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
             rid, caller, err = self._begin(context, public)
@@ -266,8 +311,12 @@ class PlatformInterceptor:
             try:
                 if err is not None:
                     raise err
-                if isinstance(request, _Undecodable):
-                    raise _undecodable(request)
+                if stream_in:
+                    request = _checked(request)
+                else:
+                    refused = _refusal(request)
+                    if refused is not None:
+                        raise refused
                 async for item in behavior(request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):

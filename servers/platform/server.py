@@ -68,12 +68,15 @@ class Stack:
         if isinstance(rt.tables, CassandraTableStore):
             rt.tables.expect_tables(tables)
         public: set[str] = set()
+        own_checks: set[str] = set()
         for s in selected:
             public |= s.public_methods
+            own_checks |= s.own_stream_checks
 
         if self.grpc_enabled:
             self.server = grpc.aio.server(options=GRPC_OPTIONS)
-            platform = PlatformInterceptor(rt.signer, public, access_log=self.config.access_log)
+            platform = PlatformInterceptor(rt.signer, public, access_log=self.config.access_log,
+                                          own_stream_checks=own_checks)
             registrar = platform.registrar(self.server)
             for s in selected:
                 self.service_names += s.register(registrar, rt)  # type: ignore[arg-type]

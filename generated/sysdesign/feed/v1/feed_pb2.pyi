@@ -49,6 +49,7 @@ class UserRef(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     username: _builtins.str
+    """Compared without regard to case."""
     def __init__(
         self,
         *,
@@ -238,6 +239,7 @@ class ListFollowingRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """1-1000; 0 means 100."""
     page_token: _builtins.str
     @_builtins.property
     def user(self) -> Global___UserRef:

@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from sysdesign.rules.v1 import rules_pb2 as sysdesign_dot_rules_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$sysdesign/identity/v1/identity.proto\x12\x15sysdesign.identity.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x13RegisterUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"A\n\x14RegisterUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b\x32\x1b.sysdesign.identity.v1.User\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\x81\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04user\x18\x03 \x01(\x0b\x32\x1b.sysdesign.identity.v1.User\"A\n\x0eGetUserRequest\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08username\x18\x02 \x01(\tH\x00\x42\x08\n\x06lookup\"<\n\x0fGetUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b\x32\x1b.sysdesign.identity.v1.User2\xa8\x02\n\x0fIdentityService\x12g\n\x0cRegisterUser\x12*.sysdesign.identity.v1.RegisterUserRequest\x1a+.sysdesign.identity.v1.RegisterUserResponse\x12R\n\x05Login\x12#.sysdesign.identity.v1.LoginRequest\x1a$.sysdesign.identity.v1.LoginResponse\x12X\n\x07GetUser\x12%.sysdesign.identity.v1.GetUserRequest\x1a&.sysdesign.identity.v1.GetUserResponseBd\n\x18io.sysdesign.identity.v1P\x01ZFgithub.com/sysdesign/sysdesign/gen/go/sysdesign/identity/v1;identityv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$sysdesign/identity/v1/identity.proto\x12\x15sysdesign.identity.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esysdesign/rules/v1/rules.proto\"Z\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x13RegisterUserRequest\x12/\n\x08username\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x32\x16^[a-z][a-z0-9_]{2,31}$\x12\x1c\n\x08password\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x08\x18\x80\x01\"A\n\x14RegisterUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b\x32\x1b.sysdesign.identity.v1.User\"B\n\x0cLoginRequest\x12\x18\n\x08username\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01\x12\x18\n\x08password\x18\x02 \x01(\tB\x06\xbaH\x03\xc8\x01\x01\"\x81\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04user\x18\x03 \x01(\x0b\x32\x1b.sysdesign.identity.v1.User\"r\n\x0eGetUserRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01H\x00\x12\x31\n\x08username\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x32\x16^[a-z][a-z0-9_]{2,31}$H\x00\x42\x0f\n\x06lookup\x12\x05\xbaH\x02\x08\x01\"<\n\x0fGetUserResponse\x12)\n\x04user\x18\x01 \x01(\x0b\x32\x1b.sysdesign.identity.v1.User2\xa8\x02\n\x0fIdentityService\x12g\n\x0cRegisterUser\x12*.sysdesign.identity.v1.RegisterUserRequest\x1a+.sysdesign.identity.v1.RegisterUserResponse\x12R\n\x05Login\x12#.sysdesign.identity.v1.LoginRequest\x1a$.sysdesign.identity.v1.LoginResponse\x12X\n\x07GetUser\x12%.sysdesign.identity.v1.GetUserRequest\x1a&.sysdesign.identity.v1.GetUserResponseBd\n\x18io.sysdesign.identity.v1P\x01ZFgithub.com/sysdesign/sysdesign/gen/go/sysdesign/identity/v1;identityv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +35,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sysdesign.identity.v1.ident
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\030io.sysdesign.identity.v1P\001ZFgithub.com/sysdesign/sysdesign/gen/go/sysdesign/identity/v1;identityv1'
-  _globals['_USER']._serialized_start=96
-  _globals['_USER']._serialized_end=186
-  _globals['_REGISTERUSERREQUEST']._serialized_start=188
-  _globals['_REGISTERUSERREQUEST']._serialized_end=245
-  _globals['_REGISTERUSERRESPONSE']._serialized_start=247
-  _globals['_REGISTERUSERRESPONSE']._serialized_end=312
-  _globals['_LOGINREQUEST']._serialized_start=314
-  _globals['_LOGINREQUEST']._serialized_end=364
-  _globals['_LOGINRESPONSE']._serialized_start=367
-  _globals['_LOGINRESPONSE']._serialized_end=496
-  _globals['_GETUSERREQUEST']._serialized_start=498
-  _globals['_GETUSERREQUEST']._serialized_end=563
-  _globals['_GETUSERRESPONSE']._serialized_start=565
-  _globals['_GETUSERRESPONSE']._serialized_end=625
-  _globals['_IDENTITYSERVICE']._serialized_start=628
-  _globals['_IDENTITYSERVICE']._serialized_end=924
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['username']._loaded_options = None
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['username']._serialized_options = b'\272H\032r\0302\026^[a-z][a-z0-9_]{2,31}$'
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['password']._serialized_options = b'\272H\007r\005\020\010\030\200\001'
+  _globals['_LOGINREQUEST'].fields_by_name['username']._loaded_options = None
+  _globals['_LOGINREQUEST'].fields_by_name['username']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_LOGINREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_LOGINREQUEST'].fields_by_name['password']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_GETUSERREQUEST'].oneofs_by_name['lookup']._loaded_options = None
+  _globals['_GETUSERREQUEST'].oneofs_by_name['lookup']._serialized_options = b'\272H\002\010\001'
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_GETUSERREQUEST'].fields_by_name['username']._loaded_options = None
+  _globals['_GETUSERREQUEST'].fields_by_name['username']._serialized_options = b'\272H\032r\0302\026^[a-z][a-z0-9_]{2,31}$'
+  _globals['_USER']._serialized_start=157
+  _globals['_USER']._serialized_end=247
+  _globals['_REGISTERUSERREQUEST']._serialized_start=249
+  _globals['_REGISTERUSERREQUEST']._serialized_end=349
+  _globals['_REGISTERUSERRESPONSE']._serialized_start=351
+  _globals['_REGISTERUSERRESPONSE']._serialized_end=416
+  _globals['_LOGINREQUEST']._serialized_start=418
+  _globals['_LOGINREQUEST']._serialized_end=484
+  _globals['_LOGINRESPONSE']._serialized_start=487
+  _globals['_LOGINRESPONSE']._serialized_end=616
+  _globals['_GETUSERREQUEST']._serialized_start=618
+  _globals['_GETUSERREQUEST']._serialized_end=732
+  _globals['_GETUSERRESPONSE']._serialized_start=734
+  _globals['_GETUSERRESPONSE']._serialized_end=794
+  _globals['_IDENTITYSERVICE']._serialized_start=797
+  _globals['_IDENTITYSERVICE']._serialized_end=1093
 # @@protoc_insertion_point(module_scope)

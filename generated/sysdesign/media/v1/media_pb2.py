@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from sysdesign.rules.v1 import rules_pb2 as sysdesign_dot_rules_dot_v1_dot_rules__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esysdesign/media/v1/media.proto\x12\x12sysdesign.media.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n\x06Upload\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x07 \x01(\x03\x12-\n\x05state\x18\x08 \x01(\x0e\x32\x1e.sysdesign.media.v1.MediaState\x12\x17\n\x0f\x63hunk_size_hint\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x13\x43reateUploadRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"B\n\x14\x43reateUploadResponse\x12*\n\x06upload\x18\x01 \x01(\x0b\x32\x1a.sysdesign.media.v1.Upload\"@\n\rUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"<\n\x0eUploadResponse\x12*\n\x06upload\x18\x01 \x01(\x0b\x32\x1a.sysdesign.media.v1.Upload\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"?\n\x11GetUploadResponse\x12*\n\x06upload\x18\x01 \x01(\x0b\x32\x1a.sysdesign.media.v1.Upload\"\x87\x01\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x15\n\rbandwidth_bps\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\x12\x15\n\rpresigned_url\x18\x07 \x01(\t\"M\n\x08Playback\x12\x0f\n\x07hls_url\x18\x01 \x01(\t\x12\x12\n\nposter_url\x18\x02 \x01(\t\x12\x1c\n\x14presigned_poster_url\x18\x03 \x01(\t\"\xdd\x04\n\x05Media\x12\x10\n\x08media_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.sysdesign.media.v1.MediaKind\x12-\n\x05state\x18\x06 \x01(\x0e\x32\x1e.sysdesign.media.v1.MediaState\x12\x18\n\x10progress_percent\x18\x07 \x01(\x05\x12\x16\n\x0e\x66\x61ilure_reason\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x0e\n\x06sha256\x18\n \x01(\t\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05width\x18\x0c \x01(\x05\x12\x0e\n\x06height\x18\r \x01(\x05\x12\x11\n\thas_audio\x18\x0e \x01(\x08\x12-\n\x08variants\x18\x0f \x03(\x0b\x32\x1b.sysdesign.media.v1.Variant\x12.\n\x08playback\x18\x10 \x01(\x0b\x32\x1c.sysdesign.media.v1.Playback\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x13processing_duration\x18\x13 \x01(\x0b\x32\x19.google.protobuf.Duration\"#\n\x0fGetMediaRequest\x12\x10\n\x08media_id\x18\x01 \x01(\t\"<\n\x10GetMediaResponse\x12(\n\x05media\x18\x01 \x01(\x0b\x32\x19.sysdesign.media.v1.Media\"%\n\x11WatchMediaRequest\x12\x10\n\x08media_id\x18\x01 \x01(\t\">\n\x12WatchMediaResponse\x12(\n\x05media\x18\x01 \x01(\x0b\x32\x19.sysdesign.media.v1.Media\"9\n\x10ListMediaRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x11ListMediaResponse\x12(\n\x05media\x18\x01 \x03(\x0b\x32\x19.sysdesign.media.v1.Media\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x44\x65leteMediaRequest\x12\x10\n\x08media_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteMediaResponse*\x8f\x01\n\nMediaState\x12\x1b\n\x17MEDIA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MEDIA_STATE_UPLOADING\x10\x01\x12\x1a\n\x16MEDIA_STATE_PROCESSING\x10\x02\x12\x15\n\x11MEDIA_STATE_READY\x10\x03\x12\x16\n\x12MEDIA_STATE_FAILED\x10\x04*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x01\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x02\x32\x8e\x05\n\x0cMediaService\x12\x61\n\x0c\x43reateUpload\x12\'.sysdesign.media.v1.CreateUploadRequest\x1a(.sysdesign.media.v1.CreateUploadResponse\x12Q\n\x06Upload\x12!.sysdesign.media.v1.UploadRequest\x1a\".sysdesign.media.v1.UploadResponse(\x01\x12X\n\tGetUpload\x12$.sysdesign.media.v1.GetUploadRequest\x1a%.sysdesign.media.v1.GetUploadResponse\x12U\n\x08GetMedia\x12#.sysdesign.media.v1.GetMediaRequest\x1a$.sysdesign.media.v1.GetMediaResponse\x12]\n\nWatchMedia\x12%.sysdesign.media.v1.WatchMediaRequest\x1a&.sysdesign.media.v1.WatchMediaResponse0\x01\x12X\n\tListMedia\x12$.sysdesign.media.v1.ListMediaRequest\x1a%.sysdesign.media.v1.ListMediaResponse\x12^\n\x0b\x44\x65leteMedia\x12&.sysdesign.media.v1.DeleteMediaRequest\x1a\'.sysdesign.media.v1.DeleteMediaResponseB[\n\x15io.sysdesign.media.v1P\x01Z@github.com/sysdesign/sysdesign/gen/go/sysdesign/media/v1;mediav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esysdesign/media/v1/media.proto\x12\x12sysdesign.media.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1esysdesign/rules/v1/rules.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n\x06Upload\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x07 \x01(\x03\x12-\n\x05state\x18\x08 \x01(\x0e\x32\x1e.sysdesign.media.v1.MediaState\x12\x17\n\x0f\x63hunk_size_hint\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x05\n\x13\x43reateUploadRequest\x12\x86\x01\n\x08\x66ilename\x18\x01 \x01(\tBt\xbaHqr\x05\x10\x01\x18\xff\x01\xba\x01g\n\x16\x66ilename.no_separators\x12 must not contain path separators\x1a+!this.contains(\'/\') && !this.contains(\'\\\\\')\x12\xb3\x03\n\x0c\x63ontent_type\x18\x02 \x01(\tB\x9c\x03\xbaH\x98\x03\xba\x01\x91\x03\n\x16\x63ontent_type.supported\x12\xe6\x01must be one of video/mp4, video/quicktime, video/x-m4v, video/3gpp, video/webm, video/x-matroska, video/x-msvideo, video/mp2t, video/x-flv, video/ogg, video/mpeg, image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff\x1a\x8d\x01this.matches(\'(?i)^ *(video/(mp4|quicktime|x-m4v|3gpp|webm|x-matroska|x-msvideo|mp2t|x-flv|ogg|mpeg)|image/(jpeg|png|webp|gif|bmp|tiff)) *$\')\xc8\x01\x01\x12\x1b\n\nsize_bytes\x18\x03 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\x12w\n\x06sha256\x18\x04 \x01(\tBg\xbaHd\xba\x01\x61\n\x06sha256\x12\x34must be the SHA-256 of the file as 64 hex characters\x1a!this.matches(\'^[0-9A-Fa-f]{64}$\')\"B\n\x14\x43reateUploadResponse\x12*\n\x06upload\x18\x01 \x01(\x0b\x32\x1a.sysdesign.media.v1.Upload\"c\n\rUploadRequest\x12\x1f\n\tupload_id\x18\x01 \x01(\tB\x0c\xbaH\tr\x04\x88\x88\'\x01\xd8\x01\x01\x12\x17\n\x06offset\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x18\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x42\n\xbaH\x07z\x05\x18\x80\x80\x80\x02\"<\n\x0eUploadResponse\x12*\n\x06upload\x18\x01 \x01(\x0b\x32\x1a.sysdesign.media.v1.Upload\"0\n\x10GetUploadRequest\x12\x1c\n\tupload_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\"?\n\x11GetUploadResponse\x12*\n\x06upload\x18\x01 \x01(\x0b\x32\x1a.sysdesign.media.v1.Upload\"\x87\x01\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x15\n\rbandwidth_bps\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\x12\x15\n\rpresigned_url\x18\x07 \x01(\t\"M\n\x08Playback\x12\x0f\n\x07hls_url\x18\x01 \x01(\t\x12\x12\n\nposter_url\x18\x02 \x01(\t\x12\x1c\n\x14presigned_poster_url\x18\x03 \x01(\t\"\xdd\x04\n\x05Media\x12\x10\n\x08media_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.sysdesign.media.v1.MediaKind\x12-\n\x05state\x18\x06 \x01(\x0e\x32\x1e.sysdesign.media.v1.MediaState\x12\x18\n\x10progress_percent\x18\x07 \x01(\x05\x12\x16\n\x0e\x66\x61ilure_reason\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x0e\n\x06sha256\x18\n \x01(\t\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05width\x18\x0c \x01(\x05\x12\x0e\n\x06height\x18\r \x01(\x05\x12\x11\n\thas_audio\x18\x0e \x01(\x08\x12-\n\x08variants\x18\x0f \x03(\x0b\x32\x1b.sysdesign.media.v1.Variant\x12.\n\x08playback\x18\x10 \x01(\x0b\x32\x1c.sysdesign.media.v1.Playback\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x13processing_duration\x18\x13 \x01(\x0b\x32\x19.google.protobuf.Duration\".\n\x0fGetMediaRequest\x12\x1b\n\x08media_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\"<\n\x10GetMediaResponse\x12(\n\x05media\x18\x01 \x01(\x0b\x32\x19.sysdesign.media.v1.Media\"0\n\x11WatchMediaRequest\x12\x1b\n\x08media_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\">\n\x12WatchMediaResponse\x12(\n\x05media\x18\x01 \x01(\x0b\x32\x19.sysdesign.media.v1.Media\"D\n\x10ListMediaRequest\x12\x1c\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x11ListMediaResponse\x12(\n\x05media\x18\x01 \x03(\x0b\x32\x19.sysdesign.media.v1.Media\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x12\x44\x65leteMediaRequest\x12\x1b\n\x08media_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\"\x15\n\x13\x44\x65leteMediaResponse*\x8f\x01\n\nMediaState\x12\x1b\n\x17MEDIA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MEDIA_STATE_UPLOADING\x10\x01\x12\x1a\n\x16MEDIA_STATE_PROCESSING\x10\x02\x12\x15\n\x11MEDIA_STATE_READY\x10\x03\x12\x16\n\x12MEDIA_STATE_FAILED\x10\x04*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x01\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x02\x32\x8e\x05\n\x0cMediaService\x12\x61\n\x0c\x43reateUpload\x12\'.sysdesign.media.v1.CreateUploadRequest\x1a(.sysdesign.media.v1.CreateUploadResponse\x12Q\n\x06Upload\x12!.sysdesign.media.v1.UploadRequest\x1a\".sysdesign.media.v1.UploadResponse(\x01\x12X\n\tGetUpload\x12$.sysdesign.media.v1.GetUploadRequest\x1a%.sysdesign.media.v1.GetUploadResponse\x12U\n\x08GetMedia\x12#.sysdesign.media.v1.GetMediaRequest\x1a$.sysdesign.media.v1.GetMediaResponse\x12]\n\nWatchMedia\x12%.sysdesign.media.v1.WatchMediaRequest\x1a&.sysdesign.media.v1.WatchMediaResponse0\x01\x12X\n\tListMedia\x12$.sysdesign.media.v1.ListMediaRequest\x1a%.sysdesign.media.v1.ListMediaResponse\x12^\n\x0b\x44\x65leteMedia\x12&.sysdesign.media.v1.DeleteMediaRequest\x1a\'.sysdesign.media.v1.DeleteMediaResponseB[\n\x15io.sysdesign.media.v1P\x01Z@github.com/sysdesign/sysdesign/gen/go/sysdesign/media/v1;mediav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,46 +36,70 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sysdesign.media.v1.media_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025io.sysdesign.media.v1P\001Z@github.com/sysdesign/sysdesign/gen/go/sysdesign/media/v1;mediav1'
-  _globals['_MEDIASTATE']._serialized_start=2026
-  _globals['_MEDIASTATE']._serialized_end=2169
-  _globals['_MEDIAKIND']._serialized_start=2171
-  _globals['_MEDIAKIND']._serialized_end=2254
-  _globals['_UPLOAD']._serialized_start=120
-  _globals['_UPLOAD']._serialized_end=387
-  _globals['_CREATEUPLOADREQUEST']._serialized_start=389
-  _globals['_CREATEUPLOADREQUEST']._serialized_end=486
-  _globals['_CREATEUPLOADRESPONSE']._serialized_start=488
-  _globals['_CREATEUPLOADRESPONSE']._serialized_end=554
-  _globals['_UPLOADREQUEST']._serialized_start=556
-  _globals['_UPLOADREQUEST']._serialized_end=620
-  _globals['_UPLOADRESPONSE']._serialized_start=622
-  _globals['_UPLOADRESPONSE']._serialized_end=682
-  _globals['_GETUPLOADREQUEST']._serialized_start=684
-  _globals['_GETUPLOADREQUEST']._serialized_end=721
-  _globals['_GETUPLOADRESPONSE']._serialized_start=723
-  _globals['_GETUPLOADRESPONSE']._serialized_end=786
-  _globals['_VARIANT']._serialized_start=789
-  _globals['_VARIANT']._serialized_end=924
-  _globals['_PLAYBACK']._serialized_start=926
-  _globals['_PLAYBACK']._serialized_end=1003
-  _globals['_MEDIA']._serialized_start=1006
-  _globals['_MEDIA']._serialized_end=1611
-  _globals['_GETMEDIAREQUEST']._serialized_start=1613
-  _globals['_GETMEDIAREQUEST']._serialized_end=1648
-  _globals['_GETMEDIARESPONSE']._serialized_start=1650
-  _globals['_GETMEDIARESPONSE']._serialized_end=1710
-  _globals['_WATCHMEDIAREQUEST']._serialized_start=1712
-  _globals['_WATCHMEDIAREQUEST']._serialized_end=1749
-  _globals['_WATCHMEDIARESPONSE']._serialized_start=1751
-  _globals['_WATCHMEDIARESPONSE']._serialized_end=1813
-  _globals['_LISTMEDIAREQUEST']._serialized_start=1815
-  _globals['_LISTMEDIAREQUEST']._serialized_end=1872
-  _globals['_LISTMEDIARESPONSE']._serialized_start=1874
-  _globals['_LISTMEDIARESPONSE']._serialized_end=1960
-  _globals['_DELETEMEDIAREQUEST']._serialized_start=1962
-  _globals['_DELETEMEDIAREQUEST']._serialized_end=2000
-  _globals['_DELETEMEDIARESPONSE']._serialized_start=2002
-  _globals['_DELETEMEDIARESPONSE']._serialized_end=2023
-  _globals['_MEDIASERVICE']._serialized_start=2257
-  _globals['_MEDIASERVICE']._serialized_end=2911
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['filename']._loaded_options = None
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['filename']._serialized_options = b'\272Hqr\005\020\001\030\377\001\272\001g\n\026filename.no_separators\022 must not contain path separators\032+!this.contains(\'/\') && !this.contains(\'\\\\\')'
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['content_type']._loaded_options = None
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['content_type']._serialized_options = b'\272H\230\003\272\001\221\003\n\026content_type.supported\022\346\001must be one of video/mp4, video/quicktime, video/x-m4v, video/3gpp, video/webm, video/x-matroska, video/x-msvideo, video/mp2t, video/x-flv, video/ogg, video/mpeg, image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff\032\215\001this.matches(\'(?i)^ *(video/(mp4|quicktime|x-m4v|3gpp|webm|x-matroska|x-msvideo|mp2t|x-flv|ogg|mpeg)|image/(jpeg|png|webp|gif|bmp|tiff)) *$\')\310\001\001'
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['size_bytes']._serialized_options = b'\272H\004\"\002 \000'
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['sha256']._loaded_options = None
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['sha256']._serialized_options = b'\272Hd\272\001a\n\006sha256\0224must be the SHA-256 of the file as 64 hex characters\032!this.matches(\'^[0-9A-Fa-f]{64}$\')'
+  _globals['_UPLOADREQUEST'].fields_by_name['upload_id']._loaded_options = None
+  _globals['_UPLOADREQUEST'].fields_by_name['upload_id']._serialized_options = b'\272H\tr\004\210\210\'\001\330\001\001'
+  _globals['_UPLOADREQUEST'].fields_by_name['offset']._loaded_options = None
+  _globals['_UPLOADREQUEST'].fields_by_name['offset']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_UPLOADREQUEST'].fields_by_name['data']._loaded_options = None
+  _globals['_UPLOADREQUEST'].fields_by_name['data']._serialized_options = b'\272H\007z\005\030\200\200\200\002'
+  _globals['_GETUPLOADREQUEST'].fields_by_name['upload_id']._loaded_options = None
+  _globals['_GETUPLOADREQUEST'].fields_by_name['upload_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_GETMEDIAREQUEST'].fields_by_name['media_id']._loaded_options = None
+  _globals['_GETMEDIAREQUEST'].fields_by_name['media_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_WATCHMEDIAREQUEST'].fields_by_name['media_id']._loaded_options = None
+  _globals['_WATCHMEDIAREQUEST'].fields_by_name['media_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_LISTMEDIAREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTMEDIAREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\006\032\004\030d(\000'
+  _globals['_DELETEMEDIAREQUEST'].fields_by_name['media_id']._loaded_options = None
+  _globals['_DELETEMEDIAREQUEST'].fields_by_name['media_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_MEDIASTATE']._serialized_start=2827
+  _globals['_MEDIASTATE']._serialized_end=2970
+  _globals['_MEDIAKIND']._serialized_start=2972
+  _globals['_MEDIAKIND']._serialized_end=3055
+  _globals['_UPLOAD']._serialized_start=181
+  _globals['_UPLOAD']._serialized_end=448
+  _globals['_CREATEUPLOADREQUEST']._serialized_start=451
+  _globals['_CREATEUPLOADREQUEST']._serialized_end=1197
+  _globals['_CREATEUPLOADRESPONSE']._serialized_start=1199
+  _globals['_CREATEUPLOADRESPONSE']._serialized_end=1265
+  _globals['_UPLOADREQUEST']._serialized_start=1267
+  _globals['_UPLOADREQUEST']._serialized_end=1366
+  _globals['_UPLOADRESPONSE']._serialized_start=1368
+  _globals['_UPLOADRESPONSE']._serialized_end=1428
+  _globals['_GETUPLOADREQUEST']._serialized_start=1430
+  _globals['_GETUPLOADREQUEST']._serialized_end=1478
+  _globals['_GETUPLOADRESPONSE']._serialized_start=1480
+  _globals['_GETUPLOADRESPONSE']._serialized_end=1543
+  _globals['_VARIANT']._serialized_start=1546
+  _globals['_VARIANT']._serialized_end=1681
+  _globals['_PLAYBACK']._serialized_start=1683
+  _globals['_PLAYBACK']._serialized_end=1760
+  _globals['_MEDIA']._serialized_start=1763
+  _globals['_MEDIA']._serialized_end=2368
+  _globals['_GETMEDIAREQUEST']._serialized_start=2370
+  _globals['_GETMEDIAREQUEST']._serialized_end=2416
+  _globals['_GETMEDIARESPONSE']._serialized_start=2418
+  _globals['_GETMEDIARESPONSE']._serialized_end=2478
+  _globals['_WATCHMEDIAREQUEST']._serialized_start=2480
+  _globals['_WATCHMEDIAREQUEST']._serialized_end=2528
+  _globals['_WATCHMEDIARESPONSE']._serialized_start=2530
+  _globals['_WATCHMEDIARESPONSE']._serialized_end=2592
+  _globals['_LISTMEDIAREQUEST']._serialized_start=2594
+  _globals['_LISTMEDIAREQUEST']._serialized_end=2662
+  _globals['_LISTMEDIARESPONSE']._serialized_start=2664
+  _globals['_LISTMEDIARESPONSE']._serialized_end=2750
+  _globals['_DELETEMEDIAREQUEST']._serialized_start=2752
+  _globals['_DELETEMEDIAREQUEST']._serialized_end=2801
+  _globals['_DELETEMEDIARESPONSE']._serialized_start=2803
+  _globals['_DELETEMEDIARESPONSE']._serialized_end=2824
+  _globals['_MEDIASERVICE']._serialized_start=3058
+  _globals['_MEDIASERVICE']._serialized_end=3712
 # @@protoc_insertion_point(module_scope)

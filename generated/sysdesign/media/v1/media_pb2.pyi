@@ -129,8 +129,8 @@ class CreateUploadRequest(_message.Message):
     filename: _builtins.str
     """A display name, 1-255 characters, no path separators."""
     content_type: _builtins.str
-    """The declared type, e.g. video/mp4, video/webm, image/jpeg, image/png; the
-    probed content must match it.
+    """The declared type, one of those listed (any case); the probed content
+    must match it.
     """
     size_bytes: _builtins.int
     """1 .. the deployment's maximum (SYSDESIGN_MEDIA_MAX_BYTES)."""
