@@ -112,7 +112,7 @@ def test_usage_errors_are_one_line(cstack: StackProcess) -> None:
 def test_rpc_errors_are_printed_once_with_their_fields(cstack: StackProcess) -> None:
     r = cli(cstack, "shorten", "https://example.com/x", "--alias", "ab", "--user", "alice")
     assert_one_line_error(r, "INVALID_ARGUMENT", "custom_alias (set by --alias)")
-    assert r.stderr.count("must be 4-32 characters") == 1, r.stderr
+    assert r.stderr.count("must be 4-32 Base62 characters") == 1, r.stderr
     r = cli(cstack, "shorten", "ftp://example.com/x", "--user", "alice")
     assert_one_line_error(r, "INVALID_ARGUMENT", "long_url")
     assert r.stderr.count("long_url") == 1, r.stderr
