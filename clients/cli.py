@@ -535,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     import grpc
 
     from clients.common import rpc_error_lines
+    from servers.platform.limits import LimitsConfigError
 
     try:
         rv = app(args=argv, prog_name="sysdesign", standalone_mode=False)
@@ -549,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     except (OSError, UnicodeError) as e:
         _one_line(f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e), 1)
+    except LimitsConfigError as e:
+        _one_line(f"API limits: {e}", 2)
     except Exception as e:
         # click's (or typer's vendored click's) usage errors: same attributes either way.
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):

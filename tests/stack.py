@@ -164,6 +164,10 @@ class StackProcess:
             "SYSDESIGN_HTTP_ADDR": f"127.0.0.1:{self.http_port}",
             "SYSDESIGN_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}",
             "SYSDESIGN_SHUTDOWN_GRACE_SECONDS": "5",
+            # Tests make calls by the hundred from one address and a few users:
+            # the API limits are off but where a test turns them on
+            # (tests/integration/test_api_limits.py).
+            "SYSDESIGN_API_LIMITS": "off",
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "generated")]),
         })
         env.update(self.extra_env)

@@ -138,6 +138,8 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYSDESIGN_")}
+        # A benchmark measures the system, not the API limits refusing its load.
+        env["SYSDESIGN_API_LIMITS"] = "off"
         env.update(self.extra_env)
         env.update({
             "SYSDESIGN_DATA_DIR": str(self.data_dir),

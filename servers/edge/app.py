@@ -25,6 +25,7 @@ from aiohttp import web
 
 from servers.platform.errors import FailedPrecondition, InvalidArgument, NotFound
 from servers.platform.interceptors import BACKEND_ERRORS
+from servers.platform.limits import EDGE
 from servers.platform.metrics import HTTP_REQUESTS
 from servers.platform.runtime import Runtime
 from servers.shortener.core import REDIRECT_PERMANENT, ShortenerCore
@@ -166,7 +167,27 @@ def build_app(rt: Runtime) -> web.Application:
             resp.headers["Retry-After"] = "5"
             return resp
 
-    app = web.Application(middlewares=[backend_errors])
+    api_limits = rt.api_limits
+
+    @web.middleware
+    async def limited(request: web.Request, handler: Any) -> web.StreamResponse:
+        """The anonymous tier's `edge` rule, per client IP (servers/platform/limits.py)."""
+        if api_limits is None or request.path == "/healthz":
+            return await handler(request)
+        verdict = await api_limits.check(EDGE, user_id=None, username=None,
+                                         ip=client_ip(request, trusted))
+        if not verdict.allowed:
+            counter.labels("limited", "429").inc()
+            resp = page(429, "Too Many Requests", "Too many requests from this address; "
+                        "retry after the number of seconds in Retry-After.")
+            resp.headers.update(verdict.headers())
+            return resp
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers.update(verdict.headers())
+        return resp
+
+    app = web.Application(middlewares=[limited, backend_errors])
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/p/{paste_id}", raw_paste)

@@ -31,6 +31,8 @@ scale-out adapter:
 | SYSDESIGN_SHUTDOWN_GRACE_SECONDS | 10                              |
 | SYSDESIGN_CACHE_TTL_SECONDS      | 3600                            |
 | SYSDESIGN_TRUSTED_PROXIES        | 127.0.0.1,::1 (X-Forwarded-For) |
+| SYSDESIGN_API_LIMITS             | on (off: no API rate limits)    |
+| SYSDESIGN_API_LIMITS_FILE        | the defaults of limits.py       |
 
 A data dir that `sysdesign up --cassandra` has used keeps its tables on that
 local Cassandra node (``DATA_DIR/cassandra/node.json`` names its port): every

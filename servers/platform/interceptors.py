@@ -37,6 +37,7 @@ from redis import exceptions as redis_exceptions
 
 from servers.platform import auth, validation
 from servers.platform.errors import InvalidArgument, ServiceError, Unavailable, internal_status
+from servers.platform.limits import ApiLimiter, peer_ip
 from servers.platform.logs import access_log
 from servers.platform.metrics import GRPC_LATENCY, GRPC_REQUESTS
 from servers.storage.blob import BlobError, BlobNotFound
@@ -69,10 +70,11 @@ def new_request_id() -> str:
     return f"{_RID_PREFIX}{next(_rid_counter):06x}"
 
 
-async def _abort(context: grpc.aio.ServicerContext, status: Any, rid: str) -> None:
-    """Abort with a rich status; the request id stays in the trailers beside the details."""
+async def _abort(context: grpc.aio.ServicerContext, status: Any, rid: str,
+                 extra: tuple[tuple[str, str], ...] = ()) -> None:
+    """Abort with a rich status; the request id (and ``extra``) stay in the trailers beside the details."""
     st = rpc_status.to_status(status)
-    st = st._replace(trailing_metadata=(*st.trailing_metadata, ("x-request-id", rid)))  # type: ignore[attr-defined]
+    st = st._replace(trailing_metadata=(*st.trailing_metadata, ("x-request-id", rid), *extra))  # type: ignore[attr-defined]
     await context.abort_with_status(st)
 
 
@@ -182,8 +184,10 @@ class PlatformInterceptor:
     """
 
     def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True,
-                 own_stream_checks: set[str] | None = None):
+                 own_stream_checks: set[str] | None = None, limits: ApiLimiter | None = None):
         self._signer = signer
+        # Tiered rate limits per user or per IP (servers/platform/limits.py); None: off.
+        self._limits = limits
         self._public = set(public_methods)
         # Bidirectional streams that answer a bad message with an error event on
         # the stream instead of ending the call: their handlers check each
@@ -217,6 +221,17 @@ class PlatformInterceptor:
             deserialize, handler.response_serializer)
 
     # -- per-call steps ---------------------------------------------------
+
+    async def _limit(self, method: str, caller: auth.Caller | None,
+                     context: grpc.aio.ServicerContext) -> None:
+        """Raise RESOURCE_EXHAUSTED when the caller is over a limit of this method."""
+        if self._limits is None or self._limits.limits.exempt_method(method):
+            return
+        verdict = await self._limits.check(
+            method.lstrip("/"), user_id=caller.user_id if caller else None,
+            username=caller.username if caller else None, ip=peer_ip(context.peer()))
+        if not verdict.allowed:
+            raise verdict.error()  # its trailers: retry-after, ratelimit, ratelimit-policy
 
     def _begin(self, context: grpc.aio.ServicerContext,
                public: bool) -> tuple[str, auth.Caller | None, ServiceError | None]:
@@ -278,6 +293,7 @@ class PlatformInterceptor:
             try:
                 if err is not None:
                     raise err
+                await self._limit(method, caller, context)
                 if stream_in:
                     request = _checked(request)
                 else:
@@ -291,7 +307,7 @@ class PlatformInterceptor:
                 raise
             except Exception as e:
                 code, status = _failure(e, method, rid)
-                await _abort(context, status, rid)
+                await _abort(context, status, rid, getattr(e, "trailers", ()))
             finally:
                 auth.reset_caller(reset)
                 _reset_request_id(rid_reset)
@@ -311,6 +327,7 @@ class PlatformInterceptor:
             try:
                 if err is not None:
                     raise err
+                await self._limit(method, caller, context)
                 if stream_in:
                     request = _checked(request)
                 else:
@@ -324,7 +341,7 @@ class PlatformInterceptor:
                 raise
             except Exception as e:
                 code, status = _failure(e, method, rid)
-                await _abort(context, status, rid)
+                await _abort(context, status, rid, getattr(e, "trailers", ()))
             finally:
                 auth.reset_caller(reset)
                 _reset_request_id(rid_reset)

@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 
 import structlog
 
+from servers.platform import limits
 from servers.platform.auth import TokenSigner
 from servers.platform.config import Config
 from servers.platform.ids import Snowflake, WorkerLease, lease_worker_id
+from servers.platform.limits import ApiLimiter
 from servers.storage import redis_conn
 from servers.storage.backends import open_blob_store, open_table_store
 from servers.storage.blob import BlobStore
@@ -52,6 +54,14 @@ class Runtime:
         if name not in self.shared:
             self.shared[name] = factory()
         return self.shared[name]  # type: ignore[no-any-return]
+
+    @property
+    def api_limits(self) -> ApiLimiter | None:
+        """The process's tiered API limits (servers/platform/limits.py), None when turned off."""
+        if "api_limits" not in self.shared:
+            found = limits.load()
+            self.shared["api_limits"] = None if found is None else ApiLimiter.create(found, self.redis)
+        return self.shared["api_limits"]  # type: ignore[no-any-return]
 
     @classmethod
     async def open(cls, config: Config, *, tables: list[Table], start_embedded: bool = True) -> Runtime:

@@ -23,6 +23,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from servers import systems
+from servers.platform import limits
 from servers.platform.config import Config
 from servers.platform.interceptors import PlatformInterceptor
 from servers.platform.logs import access_log
@@ -63,6 +64,7 @@ class Stack:
 
     async def start(self) -> None:
         selected = systems.select(self.services)
+        limits.load()  # a bad limits file stops the start before any backend opens
         tables = systems.all_tables()  # every table, so a later `serve` of another subset finds them
         self.rt = rt = await Runtime.open(self.config, tables=tables)
         if isinstance(rt.tables, CassandraTableStore):
@@ -76,7 +78,7 @@ class Stack:
         if self.grpc_enabled:
             self.server = grpc.aio.server(options=GRPC_OPTIONS)
             platform = PlatformInterceptor(rt.signer, public, access_log=self.config.access_log,
-                                          own_stream_checks=own_checks)
+                                          own_stream_checks=own_checks, limits=rt.api_limits)
             registrar = platform.registrar(self.server)
             for s in selected:
                 self.service_names += s.register(registrar, rt)  # type: ignore[arg-type]
