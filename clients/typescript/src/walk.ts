@@ -6,8 +6,11 @@
  * Register and log in, shorten and resolve a link, follow a user and read the
  * home timeline page by page, exchange chat messages over the `Connect`
  * stream (with receipts), upload a file through the `Upload` stream and
- * resume it once, and read the `google.rpc.BadRequest` details of a refused
- * request. The summary goes to stdout as one JSON line; progress to stderr.
+ * resume it once, and read the `google.rpc.BadRequest` details of refused
+ * requests: one the client's own check refuses before sending (every request
+ * is checked against the rules its proto declares, src/validate.ts), one only
+ * the server refuses. The summary goes to stdout as one JSON line; progress to
+ * stderr.
  */
 
 import { createHash } from "node:crypto";
@@ -52,7 +55,13 @@ import {
   UploadRequest,
   type UploadResponse,
 } from "./gen/sysdesign/media/v1/media";
-import { CreateShortUrlRequest, ResolveShortUrlRequest, ShortenerServiceClient } from "./gen/sysdesign/shortener/v1/shortener";
+import {
+  CreateShortUrlRequest,
+  GetShortUrlRequest,
+  ResolveShortUrlRequest,
+  ShortenerServiceClient,
+} from "./gen/sysdesign/shortener/v1/shortener";
+import { checkRequests, refusedLocally } from "./validate";
 
 const BAD_REQUEST_TYPE = "google.rpc.BadRequest";
 const CHAT_TIMEOUT_MS = 60_000;
@@ -121,10 +130,11 @@ async function main(): Promise<void> {
   const out: Record<string, unknown> = { username };
 
   const creds = credentials.createInsecure();
-  const opts = channelOptions();
-  const ids = new IdentityServiceClient(addr, creds, opts);
+  // Every call's request messages are checked before they are sent.
+  const interceptors = [checkRequests];
+  const ids = new IdentityServiceClient(addr, creds, { ...channelOptions(), interceptors });
   // Every client shares the first one's channel.
-  const shared = { channelOverride: ids.getChannel() };
+  const shared = { channelOverride: ids.getChannel(), interceptors };
   const links = new ShortenerServiceClient(addr, creds, shared);
   const graph = new GraphServiceClient(addr, creds, shared);
   const posts = new PostServiceClient(addr, creds, shared);
@@ -286,12 +296,27 @@ async function main(): Promise<void> {
     Object.assign(out, { upload_id: uploadId, resumed_from: committed, committed_bytes: done?.committedBytes ?? 0 });
     say(`upload: resumed at ${committed}, ${done?.committedBytes}/${data.length} bytes stored`);
 
-    // 6. A refused request: INVALID_ARGUMENT with google.rpc.BadRequest field violations.
+    // 6. Refused requests: INVALID_ARGUMENT with google.rpc.BadRequest field violations.
+    // First one that breaks a rule its proto declares (code: base62_code): the local check refuses it,
+    // so it is never sent.
+    try {
+      await unary(links.getShortUrl.bind(links), GetShortUrlRequest.create({ code: "not base62!" }), md);
+      throw new Error("a bad code was accepted");
+    } catch (err) {
+      if (!isServiceError(err)) throw err;
+      if (!refusedLocally(err)) throw new Error(`the bad code reached the server: ${err.message}`);
+      const fields = badRequestFields(err);
+      Object.assign(out, { local_check_code: status[err.code], local_check_fields: fields, local_check: err.details });
+      say(`refused before sending: ${status[err.code]} ${JSON.stringify(fields)} (${err.details})`);
+    }
+    // Then one that keeps the declared rules (long_url is required and at most 2048 characters) but is no
+    // http(s) URL, which only the server checks.
     try {
       await unary(links.createShortUrl.bind(links), CreateShortUrlRequest.create({ longUrl: "not a url" }), md);
       throw new Error("a bad long_url was accepted");
     } catch (err) {
       if (!isServiceError(err)) throw err;
+      if (refusedLocally(err)) throw new Error(`the local check refused a request it should let through: ${err.message}`);
       const fields = badRequestFields(err);
       const codeName = status[err.code];
       Object.assign(out, { bad_request_code: codeName, bad_request_fields: fields });
