@@ -72,8 +72,8 @@ DEFAULT_LIMITS: dict[str, Any] = {
     "tiers": {
         ANONYMOUS: {
             ANY: {"requests": 120, "unit": "minute"},
-            "sysdesign.identity.v1.IdentityService/RegisterUser": {"requests": 10, "unit": "hour"},
-            "sysdesign.identity.v1.IdentityService/Login": {"requests": 20, "unit": "minute"},
+            "sysdesign.identity.v1.IdentityService/RegisterUser": {"requests": 30, "unit": "hour"},
+            "sysdesign.identity.v1.IdentityService/Login": {"requests": 30, "unit": "minute"},
             EDGE: {"requests": 1200, "unit": "minute"},
         },
         DEFAULT_TIER: {

@@ -158,3 +158,25 @@ def test_the_default_limits_parse_and_exempt_envoys_calls() -> None:
     assert [r.scope for r in found.rules_for("free", CREATE)] == ["*", CREATE]
     assert [r.scope for r in found.rules_for("anonymous", "edge")] == ["edge"]
     assert found.tier_of(None) == "anonymous" and found.tier_of("someone") == "free"
+
+
+def test_the_documented_defaults_are_the_defaults() -> None:
+    units = {"min": "minute", "hour": "hour", "s": "second", "day": "day"}
+    tiers = ["anonymous", "free", "pro"]
+    rows = [line for line in (ROOT / "docs" / "ratelimit.md").read_text().splitlines()
+            if line.startswith("| ") and ("/min" in line or "/hour" in line)]
+    documented: dict[tuple[str, str], tuple[int, str]] = {}
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        scope = "*" if '"*"' in cells[0] else "edge" if "`edge`" in cells[0] else \
+            cells[0].split("`")[1]
+        for tier, cell in zip(tiers, cells[1:], strict=True):
+            if cell:
+                n, unit = cell.split("/")
+                documented[(tier, scope)] = (int(n.replace(",", "")), units[unit])
+    actual = {}
+    for tier in tiers:
+        for scope, rule in limits.DEFAULT_LIMITS["tiers"][tier].items():
+            short = scope if scope in ("*", "edge") else scope.split(".")[-1]
+            actual[(tier, short)] = (rule["requests"], rule["unit"])
+    assert documented == actual
