@@ -162,6 +162,9 @@ def _device_from_metadata(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+SEND_SCOPE = "sysdesign.chat.v1.ChatService/SendMessage"
+
+
 class Connection:
     """Runs Connect for one stream."""
 
@@ -314,6 +317,14 @@ class Connection:
 
     async def _send(self, s: Session, ev: pb.ClientEvent) -> None:
         e = ev.send
+        # A message sent on the stream spends the same budget as SendMessage
+        # (servers/platform/limits.py): refused, it is an error event and the
+        # stream goes on.
+        limiter = self.core.rt.api_limits
+        if limiter is not None:
+            verdict = await limiter.check(SEND_SCOPE, user_id=s.user_id, username=s.username, ip="")
+            if not verdict.allowed:
+                raise verdict.error()
 
         def acked(row: dict[str, Any], msg: pb.Message, duplicate: bool) -> None:
             # SENT once the row is written and published to the members' instances.

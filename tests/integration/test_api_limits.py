@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from sysdesign.chat.v1 import chat_pb2 as cpb
+from sysdesign.chat.v1 import chat_pb2_grpc as cpbg
 from sysdesign.identity.v1 import identity_pb2 as ipb
 from sysdesign.identity.v1 import identity_pb2_grpc as ipbg
 from sysdesign.shortener.v1 import shortener_pb2 as pb
@@ -20,6 +23,7 @@ from sysdesign.shortener.v1 import shortener_pb2_grpc as pbg
 
 from servers.platform import limits
 from tests.integration.helpers import details_of, expect_error, grpc_metadata
+from tests.integration.test_chat_support import Device
 from tests.stack import ROOT, StackProcess
 
 CREATE = "sysdesign.shortener.v1.ShortenerService/CreateShortUrl"
@@ -33,6 +37,7 @@ tiers:
   free:
     "*": {{requests: 1000, unit: minute}}
     {CREATE}: {{requests: 3, unit: hour}}
+    sysdesign.chat.v1.ChatService/SendMessage: {{requests: 2, unit: hour}}
   pro:
     "*": {{requests: 1000, unit: minute}}
     {CREATE}: {{requests: 6, unit: hour, algorithm: token_bucket}}
@@ -123,7 +128,8 @@ def test_the_edge_answers_429_with_the_ratelimit_headers(lstack: StackProcess) -
     assert [int(h["RateLimit"].rsplit("r=", 1)[1].split(";")[0]) for _, h in seen] == [4, 3, 2, 1, 0]
     status, headers = _get(lstack.http_base + "/")
     assert status == 429
-    assert 1 <= int(headers["Retry-After"]) <= 60
+    # (a sliding window: the hits leave the count as the window slides past them, up to two windows)
+    assert 1 <= int(headers["Retry-After"]) <= 120
     # Health checks are never limited.
     assert _get(lstack.http_base + "/healthz")[0] == 200
 
@@ -180,3 +186,29 @@ def test_the_documented_defaults_are_the_defaults() -> None:
             short = scope if scope in ("*", "edge") else scope.split(".")[-1]
             actual[(tier, short)] = (rule["requests"], rule["unit"])
     assert documented == actual
+
+
+def test_messages_on_the_chat_stream_spend_the_send_budget(lstack: StackProcess) -> None:
+    erin, frank = lstack.token("erin"), lstack.token("frank")
+    with lstack.channel() as ch:
+        conv = cpbg.ChatServiceStub(ch).CreateConversation(cpb.CreateConversationRequest(
+            type=cpb.CONVERSATION_TYPE_DIRECT, member_usernames=["frank"]),
+            metadata=grpc_metadata(erin), timeout=30).conversation.conversation_id
+    assert frank
+
+    async def go() -> list[cpb.ServerEvent]:
+        dev = await Device(lstack.grpc_addr, erin, "erin-phone").connect()
+        try:
+            await dev.wait_for(dev.synced.is_set, what="synced")
+            answers = [await dev.send(conv, f"hi {i}") for i in range(3)]
+            # The stream is still open after the refusal.
+            dev.put(cpb.ClientEvent(heartbeat=cpb.HeartbeatEvent()))
+            await dev.wait_for(lambda: bool(dev.of_kind("heartbeat_ack")), what="heartbeat ack")
+            return answers
+        finally:
+            await dev.close()
+
+    answers = asyncio.run(go())
+    assert [a.WhichOneof("event") for a in answers] == ["send_ack", "send_ack", "error"]
+    refused = answers[2].error
+    assert refused.code == 8 and refused.reason == "RATE_LIMITED" and "2 per hour" in refused.message
