@@ -222,6 +222,21 @@ class PlatformInterceptor:
 
     # -- per-call steps ---------------------------------------------------
 
+    async def _admit(self, request: Any, err: ServiceError | None, method: str,
+                     caller: auth.Caller | None, context: grpc.aio.ServicerContext,
+                     stream_in: bool) -> Any:
+        """The request for the handler once the call is authenticated, within its limits and
+        valid (a client stream is checked message by message); raises the first refusal."""
+        if err is not None:
+            raise err
+        await self._limit(method, caller, context)
+        if stream_in:
+            return _checked(request)
+        refused = _refusal(request)
+        if refused is not None:
+            raise refused
+        return request
+
     async def _limit(self, method: str, caller: auth.Caller | None,
                      context: grpc.aio.ServicerContext) -> None:
         """Raise RESOURCE_EXHAUSTED when the caller is over a limit of this method."""
@@ -291,15 +306,7 @@ class PlatformInterceptor:
             reset = auth.set_caller(caller)
             rid_reset = _request_id.set(rid)
             try:
-                if err is not None:
-                    raise err
-                await self._limit(method, caller, context)
-                if stream_in:
-                    request = _checked(request)
-                else:
-                    refused = _refusal(request)
-                    if refused is not None:
-                        raise refused
+                request = await self._admit(request, err, method, caller, context, stream_in)
                 async with asyncio.timeout(self._timeout(context)):
                     return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -325,15 +332,7 @@ class PlatformInterceptor:
             reset = auth.set_caller(caller)
             rid_reset = _request_id.set(rid)
             try:
-                if err is not None:
-                    raise err
-                await self._limit(method, caller, context)
-                if stream_in:
-                    request = _checked(request)
-                else:
-                    refused = _refusal(request)
-                    if refused is not None:
-                        raise refused
+                request = await self._admit(request, err, method, caller, context, stream_in)
                 async for item in behavior(request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
