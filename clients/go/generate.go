@@ -7,4 +7,4 @@
 //	go build -o bin/walk ./cmd/walk
 package sysdesign
 
-//go:generate go run github.com/bufbuild/buf/cmd/buf@v1.75.0 generate ../../protos
+//go:generate go run github.com/bufbuild/buf/cmd/buf@v1.75.0 generate ../../protos --exclude-path ../../protos/buf

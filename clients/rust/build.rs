@@ -3,6 +3,12 @@
 //! protoc comes from the `protoc-bin-vendored` crate (crates.io ships the
 //! binary and the well-known-type includes), so the build needs no protoc on
 //! the machine.
+//!
+//! The protos' rule annotations resolve from the same include root
+//! (`buf/validate/validate.proto`, `sysdesign/rules/v1/rules.proto`). prost
+//! keeps no options, so the stubs never refer to them: it writes
+//! `buf.validate.rs` for the import, which `src/main.rs` does not include, and
+//! nothing for `sysdesign.rules.v1`, which declares only extensions.
 
 use std::path::PathBuf;
 
