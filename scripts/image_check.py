@@ -544,7 +544,10 @@ def wait_ready(env: dict[str, str], ws: list[Workload]) -> None:
                 if w.kind == "Job":
                     if st == "exited":
                         w.exit_code, w.ready_after = code, time.monotonic() - w.started
-                        w.checked.append(f"exit {code}")
+                        console.print(f"  [green]✔[/] {name} exited {code} after {w.ready_after:.1f} s")
+                        del pending[name]
+                    elif time.monotonic() - w.started > READY_TIMEOUT:
+                        w.problem = f"still running after {READY_TIMEOUT:.0f} s"
                         del pending[name]
                     continue
                 if st != "running":
