@@ -36,7 +36,8 @@ COPY pyproject.toml README.md ./
 COPY servers ./servers
 COPY clients ./clients
 COPY generated ./generated
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels . \
+ && sha256sum /wheels/*.whl > /wheels.sha256
 
 FROM ${PYTHON_IMAGE} AS runtime
 # matplotlib (benchmark plots) wants a writable config dir: /tmp. Listen on
@@ -57,6 +58,10 @@ RUN python3 -m venv /opt/sysdesign \
       --shell /usr/sbin/nologin sysdesign \
  && install -d -o 10001 -g 10001 /data
 # The wheels are bind-mounted from stage one, so they never land in a layer.
+# Their checksums are copied first: podman (buildah) keys its layer cache for
+# a RUN --mount=from=<stage> on the command alone, so without them a rebuilt
+# wheel would not be installed again.
+COPY --from=build /wheels.sha256 /opt/sysdesign/wheels.sha256
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels sysdesign \
  && sysdesign --help > /dev/null
