@@ -84,7 +84,7 @@ image:
 # (args, rendered env, uid, read-only root, tmpfs /tmp, no capabilities, memory
 # and CPU limits) against a Valkey and a moto S3 server on free ports: every
 # probe must pass, the Job exit 0, and SIGTERM drain each container to exit 0
-# within its grace period. About 3.5 minutes with nothing cached, 12 s warm.
+# within its grace period. About 3 to 3.5 minutes with nothing cached, 12 to 25 s warm.
 # Without root (or apt-get) it is skipped with one line, except under CI=true.
 image-check: $(STAMP)
 	$(PY) scripts/image_check.py

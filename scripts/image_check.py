@@ -40,7 +40,7 @@ Needs root (debootstrap, rootful podman), Linux and apt-get or the three
 tools, and Go for kustomize; otherwise it is skipped with one line saying
 why, except under CI=true, where that is a failure. Measured on two shared
 cores: about 3.5 minutes with nothing cached (apt-get, debootstrap, the
-build's pip downloads), about 40 s after a change to the sources, about 12 s
+build's pip downloads), about 40 s after a change to the sources, 12 to 25 s
 with nothing changed (every build step from podman's layer cache).
 """
 
