@@ -58,3 +58,9 @@ def rendered_yaml(k8s_check: ModuleType, k8s_tools: ModuleType) -> dict[str, str
 def rendered(k8s_check: ModuleType, rendered_yaml: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     """name ("base", "kind", "minikube") -> the rendered objects."""
     return {name: k8s_check.parse(text) for name, text in rendered_yaml.items()}
+
+
+@pytest.fixture(scope="session")
+def image_check(k8s_check: ModuleType) -> ModuleType:
+    """scripts/image_check.py (podman build of the Dockerfile, the kind overlay's workloads run from it)."""
+    return _load("sysdesign_image_check", ROOT / "scripts" / "image_check.py")

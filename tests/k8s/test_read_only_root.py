@@ -80,7 +80,8 @@ pytestmark = pytest.mark.skipif(not _namespaces_available(),
                                 reason="needs unshare and mount namespaces (root)")
 
 
-def pod_env(objs: list[dict[str, Any]], container: dict[str, Any], redis_url: str, s3: str) -> dict[str, str]:
+def local_env(objs: list[dict[str, Any]], container: dict[str, Any], redis_url: str, s3: str) -> dict[str, str]:
+    """The container's rendered environment, pointed at local backends (also scripts/image_check.py)."""
     env = effective_env(objs, container)
     # Loopback ports instead of the pod's 0.0.0.0, real local backends instead of the
     # in-cluster ones, and no Cassandra (tables go to SQLite under the data dir, on /tmp).
@@ -91,9 +92,13 @@ def pod_env(objs: list[dict[str, Any]], container: dict[str, Any], redis_url: st
         "SYSDESIGN_METRICS_ADDR": "",
         "SYSDESIGN_REDIS_URL": redis_url,
         "SYSDESIGN_S3_ENDPOINT": s3,
-        "SYSDESIGN_SHUTDOWN_GRACE_SECONDS": "3",
         **CREDS,
     })
+    return env
+
+
+def pod_env(objs: list[dict[str, Any]], container: dict[str, Any], redis_url: str, s3: str) -> dict[str, str]:
+    env = {**local_env(objs, container, redis_url, s3), "SYSDESIGN_SHUTDOWN_GRACE_SECONDS": "3"}
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SYSDESIGN_", "AWS_"))}
     return {**base, **env, "PYTHONDONTWRITEBYTECODE": "1", "SYSDESIGN_WORKDIR": str(ROOT),
             "SYSDESIGN_KEEP": " ".join(_under_tmp()),
