@@ -343,15 +343,24 @@ def connect(url: str, *, cluster: bool | None = None, **kwargs: Any) -> aioredis
     if cluster:
         return cast(aioredis.Redis, connect_cluster(
             url, max_connections=max_connections, connection_class=connection_class, **kwargs))
-    return aioredis.Redis.from_url(
+    # A blocking pool: with every connection busy a command waits for one
+    # instead of failing with MaxConnectionsError (which a burst of a few
+    # hundred concurrent calls per process would otherwise hit, and which the
+    # rate limiter's failure mode would then answer instead of Redis). The
+    # wait is bounded by the caller's deadline, as every command is.
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         decode_responses=False,
         health_check_interval=30,
         socket_keepalive=True,
         max_connections=max_connections,
         connection_class=connection_class,
+        timeout=None,
         **kwargs,
     )
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def connect_cluster(url: str, *, connection_class: type[aioredis.Connection] = HiredisPackingConnection,
