@@ -27,7 +27,6 @@ turns them off.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from prometheus_client import Counter
 
 from servers.platform.errors import ResourceExhausted
 from servers.platform.ratelimit import (
+    UNIT_SECONDS,
     Algorithm,
     Check,
     Decision,
@@ -62,7 +62,7 @@ ANONYMOUS = "anonymous"
 DEFAULT_TIER = "free"
 EDGE = "edge"
 ANY = "*"
-_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_UNITS = {unit.lower(): seconds for unit, seconds in UNIT_SECONDS.items()}
 
 # The defaults (README, "Rate limits"). Generous for a person at a keyboard or
 # a script, tight where a call is expensive (argon2 on register and login,
@@ -266,7 +266,7 @@ class ApiLimiter:
 
     limits: Limits
     limiter: RateLimiter
-    _rule_labels: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+    _rule_labels: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, limits: Limits, redis: Any) -> ApiLimiter:

@@ -79,6 +79,11 @@ MAX_HITS = 2**32 - 1
 MAX_REQUESTS = 2**32 - 1
 _NAME_MAX = 200
 
+# A limit's unit in seconds: envoy.service.ratelimit.v3.RateLimitResponse.RateLimit.Unit's
+# names, which both the rate limit service's config and the API limits use.
+UNIT_SECONDS = {"SECOND": 1, "MINUTE": 60, "HOUR": 3600, "DAY": 86400, "WEEK": 7 * 86400,
+                "MONTH": 30 * 86400, "YEAR": 365 * 86400}
+
 
 @dataclass(frozen=True, slots=True)
 class Rule:

@@ -34,11 +34,8 @@ from typing import Any
 
 import yaml
 
-from servers.platform.ratelimit import MAX_REQUESTS, Algorithm, Rule
+from servers.platform.ratelimit import MAX_REQUESTS, UNIT_SECONDS, Algorithm, Rule
 
-# envoy.service.ratelimit.v3.RateLimitResponse.RateLimit.Unit -> seconds
-UNIT_SECONDS = {"SECOND": 1, "MINUTE": 60, "HOUR": 3600, "DAY": 86400, "WEEK": 7 * 86400,
-                "MONTH": 30 * 86400, "YEAR": 365 * 86400}
 UNIT_NUMBER = {"UNKNOWN": 0, "SECOND": 1, "MINUTE": 2, "HOUR": 3, "DAY": 4, "MONTH": 5, "YEAR": 6,
                "WEEK": 7}
 
