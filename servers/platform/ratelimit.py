@@ -23,6 +23,12 @@ How it works:
   hash-tagged by its name; names longer than 200 bytes are hashed.
 - **Bounded.** A call gives up after ``timeout_s`` and raises
   ``RateLimitBackendError``; the caller picks its failure mode (allow or deny).
+- **Concurrent calls share a round trip.** While a script call is on its way
+  (at most ``max_inflight`` at once), the checks of every other call wait and
+  then go together, in order, in the next one (``_Coalescer``): one call alone
+  goes at once, and under load one round trip and one script run decide
+  hundreds of requests. Redis runs the script atomically, so a batch decides
+  exactly as the same calls one after another would.
 - **Over-limit keys stay local.** A key found over its limit is remembered in
   process until Redis said it could pass again (``OverLimitCache``), so a
   flood of denied calls costs Redis nothing.
@@ -36,10 +42,11 @@ The algorithms (``Rule.algorithm``):
   ``window_s`` span across a boundary.
 - ``sliding_window`` (Cloudflare's sliding window counter): the previous
   window's count weighted by how much of it still overlaps the sliding window,
-  plus the current count: ``prev * (window - elapsed) / window + cur``. A
-  request that would exceed the limit is refused and not counted. Two numbers
-  per key; its error is that the previous window's hits are assumed evenly
-  spread.
+  plus the current count: ``prev * (window - elapsed) / window + cur``, the
+  weighted share rounded to the nearest whole request. A request that would
+  exceed the limit is refused and not counted. Two numbers per key; its error
+  is that the previous window's hits are assumed evenly spread. Under a steady
+  flood every window admits exactly the limit, spread evenly over the window.
 - ``token_bucket`` (GCRA, the generic cell rate algorithm): a bucket of
   ``burst`` tokens (default: ``requests``) refilled at ``requests`` per
   ``window_s``, stored as one number, the theoretical arrival time. Smooth:
@@ -202,19 +209,24 @@ for i = 1, #KEYS do
       c = 0
     end
     local left = win - (now - ws)
-    local weight = left / win
-    local est = p * weight + c
+    -- the previous window's share in whole requests, rounded to the nearest:
+    -- under a steady flood every window then admits exactly the limit (the
+    -- exact share refuses the last request of each window: a limit of 5 would
+    -- admit 4), and a burst at a window's end gains at most half a request
+    local function share(l) return math.floor(p * l / win + 0.5) end
+    local est = share(left) + c
     before = est
     if est + hits <= limit then
       allowed = 1; retry = 0
       c = c + hits
     else
       allowed = 0
-      -- still in this window: wait until the previous window's share has shrunk enough
+      -- still in this window: wait until the previous window's share is at most room,
+      -- i.e. p * (left - t) / win < room + 1/2
       local room = limit - hits - c
       retry = -1
       if room >= 0 and p > 0 then
-        local t = left - room * win / p
+        local t = math.floor(left - (2 * room + 1) * win / (2 * p)) + 1
         if t < 0 then t = 0 end
         if t < left then retry = t end
       end
@@ -223,22 +235,20 @@ for i = 1, #KEYS do
         if hits > limit then
           retry = left + win
         elseif c > 0 then
-          local s = win - (limit - hits) * win / c
+          local s = math.floor(win - (2 * (limit - hits) + 1) * win / (2 * c)) + 1
           if s < 0 then s = 0 end
           retry = left + s
         else
           retry = left
         end
       end
-      retry = math.ceil(retry)
     end
-    after = p * weight + c
+    after = share(left) + c
     if hits > 0 or w ~= ws then
       redis.call('HSET', k, 'w', fmt(ws), 'c', fmt(c), 'p', fmt(p))
       redis.call('PEXPIREAT', k, fmt(math.floor((ws + 2 * win) / 1000) + 1000))
     end
-    remaining = math.max(0, down(limit - after))
-    before = down(before); after = down(after)
+    remaining = math.max(0, limit - after)
     reset = left
   else
     -- token bucket as GCRA: the theoretical arrival time of the next request
@@ -313,10 +323,19 @@ class OverLimitCache:
             return None
         return until - now, max(0.0, reset_at - now), limit
 
-    def put(self, k: str, retry_after_s: float, reset_after_s: float, limit: int) -> None:
+    def put(self, k: str, retry_after_s: float, reset_after_s: float, limit: int,
+            *, asked_at: float | None = None) -> None:
+        """Remember ``k`` for ``retry_after_s`` from ``asked_at`` (``time.monotonic()``).
+
+        Redis decided somewhere between asking and answering, so the times
+        count from when it was asked: a reply that waited in a busy event loop
+        must not keep the key refused past the moment Redis would admit it
+        (under a flood a sliding window frees room continuously, and every
+        millisecond held too long near a window's end is admissions lost).
+        """
         if retry_after_s <= 0 or self.max_entries <= 0:
             return
-        now = time.monotonic()
+        now = time.monotonic() if asked_at is None else asked_at
         self._until[k] = (now + retry_after_s, now + max(reset_after_s, retry_after_s), limit)
         self._until.move_to_end(k)
         while len(self._until) > self.max_entries:
@@ -329,20 +348,102 @@ class OverLimitCache:
         return len(self._until)
 
 
+_Result = list[int]
+_Run = Any  # (keys, checks, now_us) -> awaitable list of results
+
+
+class _Coalescer:
+    """Checks from concurrent calls, sent together: one script call per batch.
+
+    A call's checks join the pending batch; a batch goes as soon as fewer than
+    ``max_inflight`` are on their way (so a lone call waits for nothing), at
+    most ``max_batch`` checks, whole calls, in arrival order.
+    """
+
+    def __init__(self, run: _Run, *, max_batch: int = 512, max_inflight: int = 2) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self._pending: list[tuple[list[str], list[Check], asyncio.Future[list[_Result]]]] = []
+        self._inflight = 0
+        self._kick_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.checks = 0
+
+    async def submit(self, keys: list[str], checks: list[Check]) -> list[_Result]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[_Result]] = loop.create_future()
+        self._pending.append((keys, checks, fut))
+        if not self._kick_scheduled and self._inflight < self.max_inflight:
+            # after the callbacks already ready: calls arriving in the same turn of the loop go together
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return await fut
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._pending and self._inflight < self.max_inflight:
+            batch: list[tuple[list[str], list[Check], asyncio.Future[list[_Result]]]] = []
+            n = 0
+            while self._pending and (not batch or n + len(self._pending[0][1]) <= self.max_batch):
+                item = self._pending.pop(0)
+                if not item[2].done():  # its caller gave up (timeout): not sent
+                    batch.append(item)
+                    n += len(item[1])
+            if not batch:
+                continue
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[list[str], list[Check], asyncio.Future[list[_Result]]]]) -> None:
+        keys = [k for item in batch for k in item[0]]
+        checks = [c for item in batch for c in item[1]]
+        try:
+            results = await self._run(keys, checks, None)
+        except BaseException as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self.batches += 1
+            self.checks += len(checks)
+            at = 0
+            for item_keys, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(results[at:at + len(item_keys)])
+                at += len(item_keys)
+        finally:
+            self._inflight -= 1
+            if self._pending:
+                self._kick()
+
+
 class RateLimiter:
     """Checks limits on one Redis (a server or a cluster); see the module docstring."""
 
     def __init__(self, redis: Any, *, prefix: str = "", timeout_s: float = 0.25,
-                 local_cache: OverLimitCache | None = None) -> None:
+                 local_cache: OverLimitCache | None = None, coalesce: bool = True,
+                 max_batch: int = 512, max_inflight: int = 2) -> None:
         self.redis = redis
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.local_cache = local_cache
         self._script = redis.register_script(_LUA)
         self._cluster = is_cluster(redis)
+        self.coalescer = (_Coalescer(self._run, max_batch=max_batch, max_inflight=max_inflight)
+                          if coalesce else None)
 
     async def check(self, checks: Sequence[Check], *, now_us: int | None = None) -> list[Decision]:
-        """Decide every check; raises RateLimitBackendError when Redis fails or is too slow."""
+        """Decide every check; raises RateLimitBackendError when Redis fails or is too slow.
+
+        Checks on Redis's clock (``now_us`` None) share round trips with
+        concurrent calls (``coalesce``); a given clock runs a call of its own.
+        """
         decisions: list[Decision | None] = [None] * len(checks)
         keys: list[str] = []
         todo: list[int] = []
@@ -358,9 +459,14 @@ class RateLimiter:
             else:
                 todo.append(i)
         if todo:
+            asked_at = time.monotonic()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    results = await self._run([keys[i] for i in todo], [checks[i] for i in todo], now_us)
+                    todo_keys, todo_checks = [keys[i] for i in todo], [checks[i] for i in todo]
+                    if self.coalescer is not None and now_us is None:
+                        results = await self.coalescer.submit(todo_keys, todo_checks)
+                    else:
+                        results = await self._run(todo_keys, todo_checks, now_us)
             except (RedisError, OSError, TimeoutError) as exc:
                 raise RateLimitBackendError(repr(exc)) from exc
             for i, r in zip(todo, results, strict=True):
@@ -372,7 +478,8 @@ class RateLimiter:
                 )
                 decisions[i] = d
                 if not d.allowed and self.local_cache is not None and c.hits > 0:
-                    self.local_cache.put(keys[i], d.retry_after_s, d.reset_after_s, c.rule.requests)
+                    self.local_cache.put(keys[i], d.retry_after_s, d.reset_after_s, c.rule.requests,
+                                         asked_at=asked_at)
         return [d for d in decisions if d is not None]
 
     @staticmethod

@@ -122,6 +122,8 @@ class Settings:
     failure_mode: str = field(default_factory=lambda: _env("SYSDESIGN_RATELIMIT_FAILURE_MODE", "allow").lower())
     redis_timeout_ms: float = field(default_factory=lambda: float(_env("SYSDESIGN_RATELIMIT_REDIS_TIMEOUT_MS", "250")))
     local_cache_entries: int = field(default_factory=lambda: int(_env("SYSDESIGN_RATELIMIT_LOCAL_CACHE_ENTRIES", "100000")))
+    # concurrent requests' checks share one Redis script call per batch (servers/platform/ratelimit.py)
+    coalesce: bool = field(default_factory=lambda: _env("SYSDESIGN_RATELIMIT_COALESCE", "1") not in ("0", "false", "no"))
     near_limit_ratio: float = field(default_factory=lambda: float(_env("SYSDESIGN_RATELIMIT_NEAR_LIMIT_RATIO", "0.8")))
     shadow_mode: bool = field(default_factory=lambda: _env("SYSDESIGN_RATELIMIT_SHADOW_MODE", "0") not in ("0", "false", "no"))
     merge_domains: bool = field(default_factory=lambda: _env("SYSDESIGN_RATELIMIT_MERGE_DOMAINS", "0") not in ("0", "false", "no"))
@@ -261,7 +263,8 @@ class RateLimitServicer(pb_grpc.RateLimitServiceServicer):
         self.holder = holder
         self.cache = OverLimitCache(settings.local_cache_entries)
         self.limiter = RateLimiter(rt.redis, prefix=settings.key_prefix,
-                                   timeout_s=settings.redis_timeout_ms / 1000, local_cache=self.cache)
+                                   timeout_s=settings.redis_timeout_ms / 1000, local_cache=self.cache,
+                                   coalesce=settings.coalesce)
         self.stats = _Stats()
         # A new configuration may raise a limit: what the cache knew is void.
         holder.on_change.append(self.cache.clear)

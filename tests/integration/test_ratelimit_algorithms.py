@@ -7,6 +7,8 @@ no timing assertions).
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -72,25 +74,40 @@ async def test_sliding_window_weights_the_previous_window(limiter: RateLimiter) 
     n, rule = name(), Rule(10, 60, Algorithm.SLIDING_WINDOW)
     w0 = T0 - 40 * S  # window start
     assert await admitted(limiter, n, rule, w0 + 50 * S, 12) == 10
-    # 15 s into the next window: 10 * 45/60 = 7.5 of the previous still count
-    [d] = await limiter.check([Check(n, rule)], now_us=w0 + 75 * S)
-    assert d.allowed and d.before == 7 and d.after == 8 and d.remaining == 1
-    [d] = await limiter.check([Check(n, rule)], now_us=w0 + 75 * S)
-    assert d.allowed and d.remaining == 0  # 7.5 + 2 = 9.5
-    [d] = await limiter.check([Check(n, rule)], now_us=w0 + 75 * S)
-    assert not d.allowed and d.after == 9  # 10.5 would exceed: refused, not counted
-    # the estimate drops to 9 when the previous window's share is 7 (t = 60 - 42 = 18 s in)
-    assert d.retry_after_s == pytest.approx(3, abs=1e-3)
+    # 18 s into the next window: 10 * 42/60 = 7 of the previous still count
     [d] = await limiter.check([Check(n, rule)], now_us=w0 + 78 * S)
-    assert d.allowed
+    assert d.allowed and d.before == 7 and d.after == 8 and d.remaining == 2
+    assert await admitted(limiter, n, rule, w0 + 78 * S, 2) == 2
+    [d] = await limiter.check([Check(n, rule)], now_us=w0 + 78 * S)
+    assert not d.allowed and d.after == 10  # refused, not counted
+    # room for one once the previous share rounds to 6: below 6.5, just after 81 s
+    assert d.retry_after_s == pytest.approx(3, abs=1e-5) and d.retry_after_s > 3
+    assert await admitted(limiter, n, rule, w0 + 81 * S, 1) == 0  # 6.5 rounds to 7
+    assert await admitted(limiter, n, rule, w0 + 81 * S + 1, 2) == 1
 
 
-async def test_sliding_window_never_admits_more_than_the_limit_in_any_window(limiter: RateLimiter) -> None:
+@pytest.mark.parametrize("limit", [5, 100])
+async def test_sliding_window_admits_exactly_the_limit_per_window_under_a_flood(
+        limiter: RateLimiter, limit: int) -> None:
+    """A request every 2 ms for 4 windows: each window after the first holds the limit, evenly spread."""
+    n, rule = name(), Rule(limit, 1, Algorithm.SLIDING_WINDOW)
+    per: dict[int, list[int]] = {}
+    for t in range(T0, T0 + 4 * S, 2000):
+        [d] = await limiter.check([Check(n, rule)], now_us=t)
+        if d.allowed:
+            per.setdefault((t - T0) // S, []).append(t)
+    assert [len(per[w]) for w in range(4)] == [limit] * 4
+    # after the first window's burst, no sliding 1-s span holds more than the limit
+    steady = sorted(t for w in (1, 2, 3) for t in per[w])
+    assert max(sum(1 for u in steady if t <= u < t + S) for t in steady) == limit
+
+
+async def test_sliding_window_refuses_the_boundary_burst(limiter: RateLimiter) -> None:
     """The boundary burst that fixed windows allow is refused here."""
     n, rule = name(), Rule(5, 60, Algorithm.SLIDING_WINDOW)
     before = await admitted(limiter, n, rule, T0 + 19 * S, 10)
     after = await admitted(limiter, n, rule, T0 + 21 * S, 10)
-    assert (before, after) == (5, 0)  # 5 * 59/60 = 4.9 still counts
+    assert (before, after) == (5, 0)  # 5 * 59/60 = 4.9 rounds to 5: still counts
     # a whole window later the previous count is gone
     assert await admitted(limiter, n, rule, T0 + 80 * S, 10) == 5
 
@@ -149,6 +166,26 @@ async def test_many_checks_in_one_call_are_independent(limiter: RateLimiter) -> 
     assert rounds == [[True, True, True], [False, True, True], [False, False, True]]
 
 
+async def test_concurrent_calls_share_round_trips_and_decide_as_one_after_another(valkey_url: str) -> None:
+    r = redis_conn.connect(valkey_url)
+    lim = RateLimiter(r, prefix=f"t{uuid.uuid4().hex[:8]}:", timeout_s=5)
+    try:
+        a, b = name(), name()  # on a cluster, two slots: pipelined beside each other
+        ra, rb = Rule(50, 3600), Rule(30, 3600, Algorithm.SLIDING_WINDOW)
+        calls = await asyncio.gather(*(lim.check([Check(a, ra), Check(b, rb)]) for _ in range(200)))
+        # in the order the calls were made, as if one after another
+        assert [ds[0].allowed for ds in calls] == [True] * 50 + [False] * 150
+        assert [ds[1].allowed for ds in calls] == [True] * 30 + [False] * 170
+        assert [ds[0].remaining for ds in calls[:50]] == list(range(49, -1, -1))
+        assert lim.coalescer is not None and lim.coalescer.checks == 400
+        assert lim.coalescer.batches <= 2  # not 200 round trips
+        # a lone call is not held back for company
+        [d] = await lim.check([Check(name(), ra)])
+        assert d.allowed and lim.coalescer.checks == 401
+    finally:
+        await r.aclose()
+
+
 async def test_over_limit_keys_are_answered_locally(valkey_url: str) -> None:
     r = redis_conn.connect(valkey_url)
     cache = OverLimitCache()
@@ -167,6 +204,17 @@ async def test_over_limit_keys_are_answered_locally(valkey_url: str) -> None:
         assert await r.hget(k, "c") == count == b"3"
     finally:
         await r.aclose()
+
+
+def test_the_over_limit_cache_counts_from_when_redis_was_asked() -> None:
+    """A reply that waited in a busy process must not keep a key refused past its retry time."""
+    cache = OverLimitCache()
+    now = time.monotonic()
+    cache.put("late", 0.5, 0.5, 10, asked_at=now - 1.0)  # asked 1 s ago, retry in 0.5 s: over
+    cache.put("fresh", 30.0, 60.0, 10, asked_at=now)
+    assert cache.get("late") is None
+    hit = cache.get("fresh")
+    assert hit is not None and 29 < hit[0] <= 30 and 59 < hit[1] <= 60 and hit[2] == 10
 
 
 def test_keys_share_a_slot_per_name_and_long_names_are_hashed() -> None:
