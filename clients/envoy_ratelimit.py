@@ -15,10 +15,12 @@ Apache-2.0 licensed; the project only builds and runs it.
 
 :class:`EnvoyRateLimit` lays a config directory out the way the service
 reads it (``RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config/*.yaml``, watched in
-place: ``RUNTIME_WATCH_ROOT=false``), points it at one Redis over TCP with no
-statsd sink, listens on three free loopback ports (gRPC, HTTP with
-``/healthcheck`` and ``/json``, debug), and waits until its gRPC health
-service says SERVING. Everything else is the reference's own default
+place: ``RUNTIME_WATCH_ROOT=false``), points it at one Redis over TCP, keeps
+its statistics as Prometheus metrics (``USE_STATSD=false``,
+``USE_PROMETHEUS=true``: no statsd to send to, and without a sink it would
+log every timer), listens on four free loopback ports (gRPC, HTTP with
+``/healthcheck`` and ``/json``, debug, metrics), and waits until its gRPC
+health service says SERVING. Everything else is the reference's own default
 (``settings.go``): a Redis pool of 10 connections, no pipelining window,
 near-limit ratio 0.8, expiry jitter up to 300 s, the local over-limit cache
 off unless ``local_cache_bytes`` is given.
@@ -106,6 +108,7 @@ class EnvoyRateLimit:
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.debug_port = free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,6 +118,10 @@ class EnvoyRateLimit:
     @property
     def http_base(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def runtime_root(self) -> Path:
@@ -144,7 +151,9 @@ class EnvoyRateLimit:
             "RUNTIME_ROOT": str(self.runtime_root), "RUNTIME_SUBDIRECTORY": SUBDIRECTORY,
             "RUNTIME_WATCH_ROOT": "false", "RUNTIME_IGNOREDOTFILES": "true",
             "REDIS_SOCKET_TYPE": "tcp", "REDIS_TYPE": "single", "REDIS_URL": host,
-            "USE_STATSD": "false", "LOG_LEVEL": self.log_level, "LOG_FORMAT": "json",
+            "USE_STATSD": "false", "USE_PROMETHEUS": "true",
+            "PROMETHEUS_ADDR": f"127.0.0.1:{self.metrics_port}",
+            "LOG_LEVEL": self.log_level, "LOG_FORMAT": "json",
             "LOCAL_CACHE_SIZE_IN_BYTES": str(self.local_cache_bytes),
             "CACHE_KEY_PREFIX": self.key_prefix,
         })
