@@ -43,7 +43,9 @@ test: $(STAMP) lint k8s-check image-check tools
 # under ~/.cache/sysdesign/go (clients/gotools.py): MinIO, the S3 server the
 # blob contract suite and media-on-S3 run against (about 3.5 min on 2 cores),
 # grpcurl for the README's commands and the reflection tests (about 1.5 min),
-# and kustomize and kubeconform for k8s-check (about a minute together).
+# kustomize and kubeconform for k8s-check (about a minute together), and
+# envoyproxy/ratelimit, the reference the rate limit service is checked and
+# benchmarked against (about 45 s).
 # Without Go what needs them is skipped with one line saying why.
 tools: $(STAMP)
 	$(PY) scripts/gotools.py build

@@ -1,4 +1,4 @@
-"""The Go programs the project runs (MinIO, grpcurl, buf, kustomize, kubeconform), built from the Go module proxy and cached.
+"""The Go programs the project runs (MinIO, grpcurl, buf, kustomize, kubeconform, envoyproxy/ratelimit), built from the Go module proxy and cached.
 
     python scripts/gotools.py build [NAME ...]   # every tool (or those named); prints their paths
     python scripts/gotools.py path NAME          # the cached binary's path (built if missing)
@@ -32,11 +32,12 @@ class GoTool:
     version: str
     why: str
     cold_build: str  # measured on a 2-core VM with empty Go caches
+    command: str = ""  # the binary `go install` writes (the package's last element); default: name
 
     @property
     def binary(self) -> Path:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return base / "sysdesign" / "go" / f"{self.name}-{self.version}" / self.name
+        return base / "sysdesign" / "go" / f"{self.name}-{self.version}" / (self.command or self.name)
 
 
 TOOLS = {t.name: t for t in [
@@ -56,6 +57,12 @@ TOOLS = {t.name: t for t in [
     GoTool("kubeconform", "github.com/yannh/kubeconform/cmd/kubeconform", "v0.8.0",
            "validates the rendered manifests against the Kubernetes schemas (make k8s-check)",
            "about 40-50 s"),
+    # Envoy's reference rate limit service. Its last tag, v1.4.0, is from 2020 (it releases
+    # container images by commit), so this is the proxy's pseudo-version of the newest commit.
+    GoTool("envoy-ratelimit", "github.com/envoyproxy/ratelimit/src/service_cmd", os.environ.get(
+        "SYSDESIGN_ENVOY_RATELIMIT_VERSION", "v1.4.1-0.20260122083618-3fb702589d36"),
+        "the reference the rate limit service is checked and benchmarked against", "about 45 s",
+        command="service_cmd"),
 ]}
 
 

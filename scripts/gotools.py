@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The Go programs the project runs (MinIO, grpcurl, buf, kustomize, kubeconform), built from the Go module proxy: see clients/gotools.py.
+"""The Go programs the project runs (MinIO, grpcurl, buf, kustomize, kubeconform, envoyproxy/ratelimit), built from the Go module proxy: see clients/gotools.py.
 
     python scripts/gotools.py build [NAME ...]
     python scripts/gotools.py path NAME

@@ -295,6 +295,12 @@ def _tree_jiffies(root: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by ``pid`` and its live descendants (and their reaped children)."""
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return _tree_jiffies(pid) / hz
+
+
 @dataclass
 class CpuWindow:
     """How busy the machine was during a window, split into this run and everything else.

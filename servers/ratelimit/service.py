@@ -10,6 +10,8 @@ descriptors without a limit answer OK with no ``current_limit``, a per-request
 OVER_LIMIT if any descriptor is (quota-mode descriptors only when all of
 them are), and shadow mode (per limit, or SYSDESIGN_RATELIMIT_SHADOW_MODE for
 all) counts what would have been refused but answers OK.
+tests/integration/test_ratelimit_envoy_compat.py runs the same requests
+through envoyproxy/ratelimit itself and compares the answers.
 
 Each limit is checked by servers/platform/ratelimit.py (one atomic Lua call,
 Redis's clock, over-limit keys cached in process). When Redis fails or takes
@@ -33,7 +35,6 @@ import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2 as pb
 from envoy.service.ratelimit.v3 import rls_pb2_grpc as pb_grpc
-from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client import Counter
 
@@ -49,6 +50,7 @@ from servers.platform.ratelimit import (
 )
 from servers.platform.runtime import Runtime
 from servers.ratelimit.config import (
+    UNIT_NUMBER,
     UNIT_SECONDS,
     ConfigError,
     Limit,
@@ -66,6 +68,9 @@ TABLES: list[Any] = []
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_UINT32 = 2**32 - 1
+# An override's unit (envoy.type.v3.RateLimitUnit, the numbers of
+# RateLimitResponse.RateLimit.Unit; WEEK = 7 is newer than some generated stubs).
+UNIT_NAME = {n: name for name, n in UNIT_NUMBER.items() if n}
 # Bounds on a request (Envoy's own header values are at most 16 KiB).
 MAX_DESCRIPTORS = 128
 MAX_ENTRIES = 64
@@ -296,8 +301,9 @@ class RateLimitServicer(pb_grpc.RateLimitServiceServicer):
                 if len(e.value.encode()) > MAX_TEXT_BYTES:
                     v.add(f"descriptors[{i}].entries[{j}].value", f"must be at most {MAX_TEXT_BYTES} bytes")
             if d.HasField("limit"):
-                if d.limit.unit not in (1, 2, 3, 4, 5, 6):
-                    v.add(f"descriptors[{i}].limit.unit", "must be SECOND, MINUTE, HOUR, DAY, MONTH or YEAR")
+                if d.limit.unit not in UNIT_NAME:
+                    v.add(f"descriptors[{i}].limit.unit",
+                          "must be SECOND, MINUTE, HOUR, DAY, WEEK, MONTH or YEAR")
             if d.HasField("hits_addend") and d.hits_addend.value > MAX_HITS:
                 v.add(f"descriptors[{i}].hits_addend", f"must be at most {MAX_HITS}")
         v.raise_if_any()
@@ -320,7 +326,7 @@ class RateLimitServicer(pb_grpc.RateLimitServiceServicer):
                 limit = None  # an override of an unknown domain is ignored too, as Envoy's service does
             elif d.HasField("limit"):
                 # A per-request override: a fixed window, never in shadow mode (as Envoy's service).
-                unit = ratelimit_unit_pb2.RateLimitUnit.Name(d.limit.unit)
+                unit = UNIT_NAME[d.limit.unit]
                 key = domain + "." + ".".join(k + ("_" + v if v else "") for k, v in entries)
                 limit = Limit(full_key=key, requests_per_unit=d.limit.requests_per_unit, unit=unit)
             else:

@@ -232,6 +232,11 @@ def test_a_per_request_limit_override_wins(stub: pbg.RateLimitServiceStub) -> No
     rs = [call(stub, d) for _ in range(2)]
     assert [r.overall_code for r in rs] == [OK, OVER]
     assert rs[0].statuses[0].current_limit.requests_per_unit == 1
+    # WEEK (7), which envoy.type.v3.RateLimitUnit gained after DAY..YEAR, as Envoy's service takes it
+    r = call(stub, desc(("user", uid()), limit=(2, pb.RateLimitResponse.RateLimit.WEEK)))
+    assert r.overall_code == OK and r.statuses[0].limit_remaining == 1
+    assert r.statuses[0].current_limit.unit == pb.RateLimitResponse.RateLimit.WEEK
+    assert 0 < r.statuses[0].duration_until_reset.seconds <= 7 * 86400
     # as Envoy's service: an unknown domain has no limits, overrides included
     r = call(stub, d, domain="no-such-domain")
     assert r.overall_code == OK and not r.statuses[0].HasField("current_limit")
