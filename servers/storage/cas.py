@@ -141,6 +141,7 @@ class CollectStats:
     deleted: int = 0
     kept: int = 0
     busy: int = 0  # another sweep was deleting it
+    gone: int = 0  # already deleted (a digest can be a candidate in several buckets)
 
 
 class ContentStore:
@@ -295,6 +296,8 @@ class ContentStore:
     async def _sweep(self, digest: str) -> str:
         if await self._held(digest):
             return "kept"
+        if not await self.blobs.exists(self.key(digest)):
+            return "gone"
         marked = await self.tables.put(CAS_DELETING, {"digest": digest, "since": int(self.clock())},
                                        if_not_exists=True, ttl_seconds=max(600, self.bucket_s))
         if not marked:
