@@ -146,7 +146,7 @@ def run_process(cmd: str, stack: StackProcess, env: dict[str, str], tmp: Path) -
         while True:
             assert proc.poll() is None, f"{cmd} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"{cmd} never answered:\n{log.read_text()[-3000:]}"
-            if _answers(cmd, grpc_port, http_port):
+            if _answers(cmd, grpc_port, http_port, log):
                 break
             time.sleep(0.3)
     finally:
@@ -155,7 +155,7 @@ def run_process(cmd: str, stack: StackProcess, env: dict[str, str], tmp: Path) -
     assert code == 0, f"{cmd} exited {code} on SIGTERM:\n{log.read_text()[-3000:]}"
 
 
-def _answers(cmd: str, grpc_port: int, http_port: int) -> bool:
+def _answers(cmd: str, grpc_port: int, http_port: int, log: Path | None = None) -> bool:
     if " serve " in f"{cmd} ":
         try:
             with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
@@ -172,9 +172,10 @@ def _answers(cmd: str, grpc_port: int, http_port: int) -> bool:
                 return bool(r.status == 200)
         except OSError:
             return False
-    # a worker has no port: it is up once it has run for a few seconds without exiting
-    time.sleep(3)
-    return True
+    # a worker serves no port of its own: it is up once it logged that its worker started
+    # (a fixed wait is not enough on a loaded machine, and SIGTERM before the handlers are
+    # installed would end it with -15)
+    return log is not None and log.exists() and "worker_started" in log.read_text(errors="replace")
 
 
 def test_every_readme_command_runs_and_prints_what_the_readme_says(readme_stack: StackProcess,
