@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from servers.chat import service as chat
+from servers.drive import service as drive
 from servers.feed import service as feed
 from servers.identity import service as identity
 from servers.media import core as media_core
@@ -30,8 +31,10 @@ from servers.storage.table import Table
 @dataclass(frozen=True)
 class Worker:
     name: str
-    queue: Callable[[Any], JobQueue]
-    handler: Callable[[Runtime, Job], Awaitable[None]]
+    # The stream it consumes and how it handles a job; None for a worker that
+    # only sweeps (e.g. the drive's block collector).
+    queue: Callable[[Any], JobQueue] | None
+    handler: Callable[[Runtime, Job], Awaitable[None]] | None
     # Periodic work beside the consumer (e.g. re-queueing from an outbox): one
     # pass, returning the seconds to wait before the next.
     sweep: Callable[[Runtime], Awaitable[float]] | None = None
@@ -70,6 +73,9 @@ SYSTEMS: dict[str, System] = {
         workers=[Worker("media", media_core.transcode_queue, media_worker.handle_transcode)],
         edge_routes=media_edge.routes,
     ),
+    # File sync, and the worker that collects blocks no revision holds any more.
+    "drive": System("drive", drive.register, drive.PUBLIC_METHODS, drive.TABLES,
+                    workers=[Worker("drivegc", None, None, sweep=drive.sweep)]),
     # Envoy's envoy.service.ratelimit.v3.RateLimitService (protos/envoy/service/ratelimit/v3).
     "ratelimit": System("ratelimit", ratelimit.register, ratelimit.PUBLIC_METHODS, ratelimit.TABLES),
 }

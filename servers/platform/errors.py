@@ -8,7 +8,7 @@ that escapes a handler is a bug: INTERNAL with the request id, logged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -101,18 +101,22 @@ class FailedPrecondition(ServiceError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
-    def __init__(self, message: str, *, reason: str, subject: str = "", kind: str = ""):
+    def __init__(self, message: str, *, reason: str, subject: str = "", kind: str = "",
+                 subjects: Sequence[str] = ()):
         super().__init__(message, reason=reason)
         self.subject = subject
         self.kind = kind or reason
+        # Several subjects (e.g. every block still missing): one violation each.
+        self.subjects = list(subjects) or [subject]
 
     def details(self) -> list[object]:
         return [
             error_details_pb2.PreconditionFailure(
                 violations=[
                     error_details_pb2.PreconditionFailure.Violation(
-                        type=self.kind, subject=self.subject, description=self.message
+                        type=self.kind, subject=s, description=self.message
                     )
+                    for s in self.subjects
                 ]
             ),
             *super().details(),

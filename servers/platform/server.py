@@ -133,12 +133,16 @@ class Stack:
     async def _run_worker(self, w: systems.Worker) -> None:
         assert self.rt is not None
         rt = self.rt
+        if w.queue is None or w.handler is None:
+            await self._sweep(w)
+            return
         queue = w.queue(rt.redis)
+        handler = w.handler
         await queue.ensure_group()
         consumer = f"{w.name}-{rt.snowflake.worker_id}"
 
         async def handle(job: Any) -> None:
-            await w.handler(rt, job)
+            await handler(rt, job)
 
         sweeper = asyncio.create_task(self._sweep(w), name=f"sweep-{w.name}") if w.sweep else None
         try:
@@ -204,8 +208,11 @@ class Stack:
                 log.info("health_changed", serving=ok)
             if ok:
                 for wname in self.workers:
+                    make_queue = systems.WORKERS[wname].queue
+                    if make_queue is None:
+                        continue
                     with contextlib.suppress(Exception):
-                        depth = await systems.WORKERS[wname].queue(rt.redis).depth()
+                        depth = await make_queue(rt.redis).depth()
                         for state, n in depth.items():
                             QUEUE_DEPTH.labels(wname, state).set(n)
             with contextlib.suppress(TimeoutError):

@@ -1,0 +1,1 @@
+"""File sync (Google Drive / Dropbox): sysdesign.drive.v1.DriveService."""
