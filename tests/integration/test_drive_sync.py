@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from servers.drive.core import SETTLE_MS
 from sysdesign.drive.v1 import drive_pb2 as pb
 from sysdesign.drive.v1 import drive_pb2_grpc as pbg
 
 from clients.drive.blocks import Chunker, cut_file
 from clients.drive.client import DriveClient
 from clients.drive.state import STATE_DIR
+from servers.drive.core import SETTLE_MS
 from tests.integration.helpers import grpc_metadata
 from tests.stack import ROOT, StackProcess
 
@@ -344,3 +344,86 @@ def test_fastcdc_sends_one_chunk_for_bytes_inserted_at_the_front(stack: StackPro
     assert cdc_total >= 6 and cdc_sent <= 2, sent
     fixed_sent, fixed_total = sent[pb.CHUNKING_FIXED]
     assert fixed_sent == fixed_total == 7, sent  # every fixed block shifted
+
+
+def wait_for(what: str, check: Any, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def live_sync(stack: StackProcess, token: str, folder: Path, device: str) -> subprocess.Popen[str]:
+    env = {**stack.env(), "TERM": "dumb"}
+    return subprocess.Popen([sys.executable, "-m", "clients.cli", "drive", "sync", str(folder), "--device", device,
+                             "--token", token], env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def has_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
+
+
+def on_server(stack: StackProcess, token: str, path: str) -> bool:
+    try:
+        stub(stack).GetNode(pb.GetNodeRequest(path=path), metadata=grpc_metadata(token))
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_a_running_sync_follows_both_sides_and_stops_on_ctrl_c(stack: StackProcess, tmp_path: Path) -> None:
+    token = new_user(stack, "live")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    live = live_sync(stack, token, b, "desktop")
+    try:
+        (a / "news.txt").write_text("from the laptop\n")
+        sync(stack, token, a, "laptop")
+        wait_for("the laptop's file in the running sync's folder",
+                 lambda: has_text(b / "news.txt", "from the laptop\n"))
+        (b / "sub").mkdir()
+        (b / "sub" / "reply.txt").write_text("from the desktop\n")
+        wait_for("the running sync to send a new local file", lambda: on_server(stack, token, "/sub/reply.txt"))
+        sync(stack, token, a, "laptop")
+        assert (a / "sub" / "reply.txt").read_text() == "from the desktop\n"
+        (a / "news.txt").write_text("edited on the laptop\n")
+        sync(stack, token, a, "laptop")
+        wait_for("the edit", lambda: has_text(b / "news.txt", "edited on the laptop\n"))
+    finally:
+        live.send_signal(signal.SIGINT)
+        _, err = live.communicate(timeout=60)
+    assert live.returncode == 130, err
+    assert "sync stopped" in err and "Traceback" not in err, err
+    assert tree(a) == tree(b)
+
+
+def test_a_running_sync_rides_out_a_server_restart(tmp_path_factory: Any, tmp_path: Path) -> None:
+    s = StackProcess(tmp_path_factory.mktemp("drive-restart") / "data").start()
+    live = None
+    try:
+        token = s.token("drv_restart")
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.mkdir()
+        b.mkdir()
+        live = live_sync(s, token, b, "desktop")
+        (a / "before.txt").write_text("before\n")
+        sync(s, token, a, "laptop")
+        wait_for("the first file", lambda: has_text(b / "before.txt", "before\n"))
+        assert s.stop() == 0, s.logs()
+        time.sleep(1)  # the sync notices the server is gone (and keeps running)
+        assert live.poll() is None
+        s.start()
+        (a / "after.txt").write_text("after the restart\n")
+        sync(s, token, a, "laptop")
+        wait_for("a file sent after the restart", lambda: has_text(b / "after.txt", "after the restart\n"))
+    finally:
+        if live is not None:
+            live.send_signal(signal.SIGINT)
+            _, err = live.communicate(timeout=60)
+            assert live.returncode == 130, err
+        assert s.stop() == 0, s.logs()
