@@ -145,7 +145,16 @@ class SyncEngine:
     def pull(self) -> None:
         cursor = self.state.meta("cursor")
         while True:
-            resp = self.client.call("ListChanges", pb.ListChangesRequest(cursor=cursor, limit=1000))
+            try:
+                resp = self.client.call("ListChanges", pb.ListChangesRequest(cursor=cursor, limit=1000))
+            except grpc.RpcError as e:
+                if code_of(e) != grpc.StatusCode.INVALID_ARGUMENT or not cursor:
+                    raise
+                # A cursor this server does not know (its data was reset, or another
+                # server): read the journal from the start; every entry is only a hint.
+                self.log("the saved change cursor was refused; reading the whole change journal again")
+                cursor = ""
+                continue
             folders: dict[str, None] = {}
             files: dict[str, None] = {}
             for c in resp.changes:

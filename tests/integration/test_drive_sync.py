@@ -197,6 +197,16 @@ def test_a_restart_hashes_only_what_changed(stack: StackProcess, tmp_path: Path)
     b = tmp_path / "b"
     sync(stack, token, b, "desktop")
     assert sync(stack, token, b, "desktop")["hashed_files"] == 0
+    # a change cursor the server refuses (its data reset, say): the journal is read again, nothing re-sent
+    import sqlite3
+
+    db = sqlite3.connect(b / STATE_DIR / "state.db")
+    db.execute("UPDATE meta SET value = 'bm90LWEtY3Vyc29y' WHERE key = 'cursor'")
+    db.commit()
+    db.close()
+    s = sync(stack, token, b, "desktop")
+    assert s["hashed_files"] == 0 and s["uploaded_files"] == 0 and s["downloaded_files"] == 0, s
+    assert tree(b) == tree(a)
 
 
 def _missing(stack: StackProcess, token: str, blocks: list[Any]) -> list[str]:
