@@ -99,7 +99,7 @@ class RichTransfer(Transfer):
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, transient=True)
+                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
 @drive_app.command("ls")
@@ -328,13 +328,29 @@ def revisions_cmd(path: str, namespace: NamespaceOpt = "", token: TokenOpt = Non
             revs = list(c.revisions(path))
         except grpc.RpcError as e:
             rpc_fail(e)
-    t = RichTable("rev", "size", "blocks", "device", "author", "time", id_column("content hash", min_width=12),
-                  title=escape(node.path), title_justify="left")
+        names = _usernames(ch, c.md, {r.author_id for r in revs})
+    t = RichTable("rev", "size", "blocks", "device", "author", "time", title=escape(node.path),
+                  title_justify="left")
     for r in revs:
         head = " (head)" if r.revision == node.head.revision else ""
-        t.add_row(f"{r.revision}{head}", _size(r.size_bytes), str(len(r.blocks)), escape(r.device), r.author_id,
-                  _when(r.create_time), r.content_hash[:12])
+        t.add_row(f"{r.revision}{head}", _size(r.size_bytes), str(len(r.blocks)), escape(r.device),
+                  escape(names.get(r.author_id, r.author_id)), _when(r.create_time))
     console.print(t)
+
+
+def _usernames(ch: grpc.Channel, md: Any, ids: set[str]) -> dict[str, str]:
+    """User ids to usernames (IdentityService.GetUser); an id that cannot be looked up stays as it is."""
+    from sysdesign.identity.v1 import identity_pb2 as ipb
+    from sysdesign.identity.v1 import identity_pb2_grpc as ipbg
+
+    stub = ipbg.IdentityServiceStub(ch)
+    out: dict[str, str] = {}
+    for uid in sorted(i for i in ids if i):
+        try:
+            out[uid] = str(stub.GetUser(ipb.GetUserRequest(user_id=uid), metadata=md, timeout=10).user.username)
+        except grpc.RpcError:
+            pass
+    return out
 
 
 def _user_id(ch: grpc.Channel, token: str, username: str) -> str:
@@ -475,7 +491,7 @@ def sync_cmd(
         err.print(f"synced: {s.uploaded_files} sent ({s.uploaded_blocks} blocks, {_size(s.uploaded_bytes)}), "
                   f"{s.downloaded_files} received, {s.deleted_local + s.deleted_remote} deleted, "
                   f"{s.moved_local + s.moved_remote} moved, {s.conflicts} conflicts; "
-                  f"hashed {s.hashed_files} files", highlight=False)
+                  f"hashed {s.hashed_files} files", highlight=False, soft_wrap=True)
 
     with _channel() as ch, _progress() as progress:
         client = _client(ch, tok, None, device=device, workers=workers, limit_rate=limit_rate)
