@@ -179,6 +179,41 @@ def test_a_remote_change_never_overwrites_a_local_edit(stack: StackProcess, tmp_
     assert (a / "draft.txt").read_text() == "edited on the desktop meanwhile\n"
 
 
+def test_a_new_file_made_on_both_sides_keeps_both(stack: StackProcess, tmp_path: Path) -> None:
+    token = new_user(stack, "both")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "idea.md").write_text("the laptop's idea\n")
+    (b / "idea.md").write_text("the desktop's idea, longer\n")
+    sync(stack, token, a, "laptop")
+    s = sync(stack, token, b, "desktop")
+    assert s["conflicts"] == 1, s
+    sync(stack, token, a, "laptop")
+    for folder in (a, b):
+        files = tree(folder)
+        assert files["idea.md"] == b"the laptop's idea\n"
+        [copy] = [k for k in files if k != "idea.md"]
+        assert copy.startswith("idea (conflicted copy from desktop ") and copy.endswith(").md")
+        assert files[copy] == b"the desktop's idea, longer\n"
+
+
+def test_a_local_delete_does_not_trash_a_newer_remote_edit(stack: StackProcess, tmp_path: Path) -> None:
+    token = new_user(stack, "deledit")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "todo.txt").write_text("v1\n")
+    sync(stack, token, a, "laptop")
+    sync(stack, token, b, "desktop")
+    (b / "todo.txt").write_text("v2, edited on the desktop\n")
+    sync(stack, token, b, "desktop")
+    (a / "todo.txt").unlink()  # deleted on the laptop, which has not seen v2
+    s = sync(stack, token, a, "laptop")
+    assert s["deleted_remote"] == 0, s
+    assert (a / "todo.txt").read_text() == "v2, edited on the desktop\n"
+    assert on_server(stack, token, "/todo.txt")
+
+
 def test_a_restart_hashes_only_what_changed(stack: StackProcess, tmp_path: Path) -> None:
     token = new_user(stack, "rehash")
     a = tmp_path / "a"
