@@ -170,6 +170,7 @@ class CommitResult:
     node: NodeView | None = None
     conflicted: bool = False
     conflict_with: NodeView | None = None
+    unchanged: bool = False  # the content was the head's already: nothing written
 
 
 def _root_row(ns: int) -> Row:
@@ -577,7 +578,7 @@ class DriveCore:
                 head = await self.head(acc.ns, loc.node_id)
                 head_rev = int(head["rev"]) if head else 0
                 if head is not None and head["content_hash"] == chash:
-                    return CommitResult(node=NodeView(acc.ns, existing, loc.path, False, head))
+                    return CommitResult(node=NodeView(acc.ns, existing, loc.path, False, head), unchanged=True)
                 if base == head_rev:
                     change = await self.journal(acc.ns, MODIFIED, loc.node_id, FILE, loc.path,
                                                 rev=head_rev + 1, device=device)

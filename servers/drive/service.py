@@ -20,6 +20,7 @@ from servers.drive.core import BlockRef, DriveCore, NodeView
 from servers.drive.tables import TABLES as DRIVE_TABLES
 from servers.platform.auth import require_caller
 from servers.platform.errors import InvalidArgument
+from servers.platform.metrics import DRIVE_BLOCK_BYTES, DRIVE_COLLECTED, DRIVE_COMMITS
 from servers.platform.runtime import Runtime
 from servers.storage import cas
 
@@ -132,6 +133,8 @@ class DriveServicer(pb_grpc.DriveServiceServicer):
         blocks = [BlockRef(b.sha256, b.size_bytes) for b in request.blocks]
         res = await self.core.commit(acc, request.path, request.base_revision, blocks, int(request.chunking),
                                      request.device, expect_uploaded=request.expect_uploaded)
+        DRIVE_COMMITS.labels("missing_blocks" if res.missing else "conflicted" if res.conflicted
+                             else "unchanged" if res.unchanged else "committed").inc()
         return pb.CommitFileResponse(
             missing_blocks=res.missing,
             node=node_message(res.node) if res.node else None,
@@ -162,6 +165,7 @@ class DriveServicer(pb_grpc.DriveServiceServicer):
             buf += m.data
             if m.last:
                 await self.core.store_block(acc, current, bytes(buf))
+                DRIVE_BLOCK_BYTES.labels("up").inc(len(buf))
                 stored.append(current)
                 current, buf = "", bytearray()
         if current:
@@ -183,6 +187,7 @@ class DriveServicer(pb_grpc.DriveServiceServicer):
             blocks = [BlockRef(d, sizes[d]) for d in request.sha256]
         for b in blocks:
             data = await self.core.read_block(b.sha256)
+            DRIVE_BLOCK_BYTES.labels("down").inc(len(data))
             view = memoryview(data)
             first = True
             for off in range(0, max(len(data), 1), c.PIECE):
@@ -260,6 +265,9 @@ async def sweep(rt: Runtime) -> float:
     """One pass of the block collector (worker ``drivegc``): returns the seconds until the next."""
     core = DriveCore.for_runtime(rt)
     stats = await core.sweep()
+    for outcome in ("deleted", "kept", "busy", "gone"):
+        if stats[outcome]:
+            DRIVE_COLLECTED.labels(outcome).inc(stats[outcome])
     if stats["deleted"] or stats["intents_undone"]:
         log.info("drive_sweep", **stats)
     return core.settings.sweep_every_s

@@ -23,6 +23,17 @@ QUEUE_DEPTH = Gauge(
     "sysdesign_queue_depth", "Jobs in a Redis stream by state", ["queue", "state"]
 )
 BACKEND_UP = Gauge("sysdesign_backend_up", "1 when the backend answers its ping", ["backend"])
+DRIVE_BLOCK_BYTES = Counter(
+    "sysdesign_drive_block_bytes_total", "Block bytes received (up) and sent (down)", ["direction"]
+)
+DRIVE_COMMITS = Counter(
+    "sysdesign_drive_commits_total",
+    "File commits by outcome (committed, missing_blocks, conflicted, unchanged)", ["outcome"]
+)
+DRIVE_COLLECTED = Counter(
+    "sysdesign_drive_sweep_blocks_total", "Blocks the collector looked at, by outcome (deleted, kept, …)",
+    ["outcome"]
+)
 
 
 def serve_metrics(host: str, port: int) -> None:

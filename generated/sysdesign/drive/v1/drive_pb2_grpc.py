@@ -237,7 +237,9 @@ class DriveServiceServicer:
         same sha256 (the server's message limit is 8 MiB); `last` ends it. Each
         block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
         when its bytes do not match. Uploaded blocks are held for a grace period
-        (a day by default) waiting for the commit that names them.
+        (a day by default) waiting for the commit that names them. A stream is one
+        call, bounded by its deadline (30 s when the caller sets none): send a
+        large file over several streams (the blocks stored so far stay stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

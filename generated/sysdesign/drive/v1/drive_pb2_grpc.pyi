@@ -83,7 +83,9 @@ class DriveServiceStub:
     same sha256 (the server's message limit is 8 MiB); `last` ends it. Each
     block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
     when its bytes do not match. Uploaded blocks are held for a grace period
-    (a day by default) waiting for the commit that names them.
+    (a day by default) waiting for the commit that names them. A stream is one
+    call, bounded by its deadline (30 s when the caller sets none): send a
+    large file over several streams (the blocks stored so far stay stored).
     """
     DownloadBlocks: _grpc.UnaryStreamMultiCallable[_drive_pb2.DownloadBlocksRequest, _drive_pb2.DownloadBlocksResponse]
     """Streams a file revision's blocks (all of them in order, or the ones named)."""
@@ -168,7 +170,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     same sha256 (the server's message limit is 8 MiB); `last` ends it. Each
     block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
     when its bytes do not match. Uploaded blocks are held for a grace period
-    (a day by default) waiting for the commit that names them.
+    (a day by default) waiting for the commit that names them. A stream is one
+    call, bounded by its deadline (30 s when the caller sets none): send a
+    large file over several streams (the blocks stored so far stay stored).
     """
     DownloadBlocks: _aio.UnaryStreamMultiCallable[_drive_pb2.DownloadBlocksRequest, _drive_pb2.DownloadBlocksResponse]  # type: ignore[assignment]
     """Streams a file revision's blocks (all of them in order, or the ones named)."""
@@ -304,7 +308,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         same sha256 (the server's message limit is 8 MiB); `last` ends it. Each
         block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
         when its bytes do not match. Uploaded blocks are held for a grace period
-        (a day by default) waiting for the commit that names them.
+        (a day by default) waiting for the commit that names them. A stream is one
+        call, bounded by its deadline (30 s when the caller sets none): send a
+        large file over several streams (the blocks stored so far stay stored).
         """
 
     @_abc_1.abstractmethod
