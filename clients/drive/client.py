@@ -26,6 +26,7 @@ import os
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,8 +42,10 @@ from clients.drive.blocks import BlockRef, Chunker, cut_file, read_block
 MiB = 1 << 20
 # Data per UploadBlocks message (the server's message limit is 8 MiB).
 PIECE = 4 * MiB
-# Blocks sent in one UploadBlocks stream at most (by bytes): small files share a stream.
-BATCH_BYTES = 16 * MiB
+# Bytes sent in one UploadBlocks stream at most: small files' blocks share a stream.
+BATCH_BYTES = 64 * MiB
+# How long one UploadBlocks stream runs at most (the server's deadline for it is 30 s).
+STREAM_SECONDS = 20.0
 TEMP_PREFIX = ".sysdesign-tmp-"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -198,7 +201,7 @@ class DriveClient:
         result = UploadResult(node=None, blocks=refs)
         by_hash = {b.sha256: b for b in refs}
         started = False
-        failures = rounds = 0
+        failures = 0
         expect = False
         while True:
             req.expect_uploaded = expect
@@ -220,21 +223,18 @@ class DriveClient:
                 result.conflict_with = resp.conflict_with if resp.HasField("conflict_with") else None
                 progress.finish()
                 return result
-            rounds += 1
-            if rounds > self.attempts:
-                raise RuntimeError(f"{remote}: the server still lacks {len(resp.missing_blocks)} block(s) "
-                                   f"after {rounds - 1} uploads")
             missing = [by_hash[h] for h in dict.fromkeys(resp.missing_blocks) if h in by_hash]
             if len(missing) != len(set(resp.missing_blocks)):
                 raise RuntimeError("the server asked for blocks the file does not have")
             if not started:
                 progress.start(f"↑ {remote}", sum(b.size for b in missing))
                 started = True
+            before = result.uploaded_blocks
             try:
                 self._send_blocks(local, missing, progress, result)
                 expect = True
             except grpc.RpcError as e:
-                failures += 1
+                failures = 1 if result.uploaded_blocks > before else failures + 1
                 if not retryable(e) or failures > self.attempts:
                     raise
                 time.sleep(min(0.2 * 2 ** failures, 5.0))
@@ -242,34 +242,49 @@ class DriveClient:
 
     def _send_blocks(self, local: Path, missing: list[BlockRef], progress: Transfer,
                      result: UploadResult) -> None:
-        batches: list[list[BlockRef]] = []
-        size = 0
-        for b in missing:
-            if not batches or size + b.size > BATCH_BYTES:
-                batches.append([])
-                size = 0
-            batches[-1].append(b)
-            size += b.size
+        """Stream ``missing`` over up to ``workers`` streams at once, each ended in time for its deadline.
+
+        The server holds a block-upload stream for 30 s at most, so a stream
+        takes blocks from the shared queue only while the next one should
+        still fit (at the rate this stream has managed so far), and another
+        stream carries on. A block is stored when its last message arrives:
+        a stream cut short loses only the block in flight.
+        """
+        queue = deque(missing)
         lock = threading.Lock()
 
-        def send(batch: list[BlockRef]) -> None:
-            resp = self.stub.UploadBlocks(self._messages(local, batch, progress), metadata=self.md,
-                                          timeout=600)
-            sizes = {b.sha256: b.size for b in batch}
-            with lock:
-                result.uploaded_blocks += len(resp.stored)
-                result.uploaded_bytes += sum(sizes.get(h, 0) for h in resp.stored)
+        def stream() -> None:
+            while queue:
+                resp = self.stub.UploadBlocks(self._messages(local, queue, progress), metadata=self.md,
+                                              timeout=STREAM_SECONDS + 30)
+                sizes = {b.sha256: b.size for b in missing}
+                with lock:
+                    result.uploaded_blocks += len(resp.stored)
+                    result.uploaded_bytes += sum(sizes.get(h, 0) for h in resp.stored)
 
-        if len(batches) == 1:
-            send(batches[0])
+        n = min(self.workers, len(missing))
+        if n <= 1:
+            stream()
             return
-        with ThreadPoolExecutor(max_workers=min(self.workers, len(batches))) as pool:
-            for fut in [pool.submit(send, b) for b in batches]:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            for fut in [pool.submit(stream) for _ in range(n)]:
                 fut.result()
 
-    def _messages(self, local: Path, batch: list[BlockRef], progress: Transfer) -> Iterator[Any]:
+    def _messages(self, local: Path, queue: deque[BlockRef], progress: Transfer) -> Iterator[Any]:
+        started = time.monotonic()
+        nbytes = 0
         with open(local, "rb") as f:
-            for block in batch:
+            while True:
+                elapsed = time.monotonic() - started
+                if nbytes >= BATCH_BYTES or elapsed >= STREAM_SECONDS:
+                    return
+                try:
+                    block = queue.popleft()
+                except IndexError:
+                    return
+                if nbytes and elapsed + block.size * elapsed / nbytes > STREAM_SECONDS:
+                    queue.appendleft(block)  # would not fit in this stream: the next one takes it
+                    return
                 data = read_block(f, block)
                 view = memoryview(data)
                 for start in range(0, len(data), PIECE):
@@ -278,6 +293,7 @@ class DriveClient:
                     yield pb.UploadBlocksRequest(namespace_id=self.namespace_id, sha256=block.sha256,
                                                  data=bytes(piece), last=start + PIECE >= len(data))
                     progress.advance(len(piece))
+                nbytes += block.size
 
     # -- download --------------------------------------------------------------
 
@@ -324,10 +340,11 @@ class DriveClient:
             progress.start(f"↓ {node.path or remote}", sum(sizes[h] for h in pending))
             failures = 0
             while pending:
+                before = len(pending)
                 try:
                     self._receive(node, rev.revision, fd, pending, offsets, sizes, progress, result)
                 except grpc.RpcError as e:
-                    failures += 1
+                    failures = 1 if len(pending) < before else failures + 1
                     if not retryable(e) or failures > self.attempts:
                         raise
                     time.sleep(min(0.2 * 2 ** failures, 5.0))

@@ -472,3 +472,36 @@ def test_a_running_sync_rides_out_a_server_restart(tmp_path_factory: Any, tmp_pa
             _, err = live.communicate(timeout=60)
             assert live.returncode == 130, err
         assert s.stop() == 0, s.logs()
+
+
+def test_a_slow_upload_outlasting_one_stream_deadline_goes_through(stack: StackProcess, tmp_path: Path) -> None:
+    """The server holds an UploadBlocks stream 30 s at most: 36 MiB at 1 MiB/s needs several streams."""
+    token = new_user(stack, "slow")
+    f = tmp_path / "slow.bin"
+    payload = rand(36 * MiB, 5)
+    f.write_bytes(payload)
+    with grpc.insecure_channel(stack.grpc_addr) as ch:
+        c = DriveClient(ch, token, device="slow", workers=1, limit_rate=MiB)
+        res = c.upload_file(f, "/slow.bin")
+        assert res.uploaded_blocks == len(res.blocks) == 9
+        assert res.uploaded_bytes == len(payload)
+        back = tmp_path / "back.bin"
+        c.download_file("/slow.bin", back)
+    assert back.read_bytes() == payload
+
+
+def test_a_rename_through_a_copy_is_found_by_its_content(stack: StackProcess, tmp_path: Path) -> None:
+    """An editor that saves by writing a new file and removing the old one: a new inode, the same bytes."""
+    token = new_user(stack, "copymv")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "old-name.bin").write_bytes(rand(5 * MiB, 8))
+    sync(stack, token, a, "laptop")
+    sync(stack, token, b, "desktop")
+    (a / "new-name.bin").write_bytes((a / "old-name.bin").read_bytes())
+    (a / "old-name.bin").unlink()
+    s = sync(stack, token, a, "laptop")
+    assert s["moved_remote"] == 1 and s["uploaded_files"] == 0 and s["deleted_remote"] == 0, s
+    s = sync(stack, token, b, "desktop")
+    assert s["moved_local"] == 1 and s["downloaded_files"] == 0, s
+    assert tree(a) == tree(b)
