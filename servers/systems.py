@@ -53,6 +53,9 @@ class System:
     # Bidirectional streams whose handlers check each message's declared rules
     # themselves, answering a bad one on the stream (servers/platform/validation.py).
     own_stream_checks: set[str] = field(default_factory=set)
+    # Client streams of bulk bytes that may run past the 30 s default when the
+    # caller's deadline says so (servers/platform/interceptors.py LONG_CALL_SECONDS).
+    long_calls: set[str] = field(default_factory=set)
 
 
 SYSTEMS: dict[str, System] = {
@@ -75,7 +78,7 @@ SYSTEMS: dict[str, System] = {
     ),
     # File sync, and the worker that collects blocks no revision holds any more.
     "drive": System("drive", drive.register, drive.PUBLIC_METHODS, drive.TABLES,
-                    workers=[Worker("drivegc", None, None, sweep=drive.sweep)]),
+                    workers=[Worker("drivegc", None, None, sweep=drive.sweep)], long_calls=drive.LONG_CALLS),
     # Envoy's envoy.service.ratelimit.v3.RateLimitService (protos/envoy/service/ratelimit/v3).
     "ratelimit": System("ratelimit", ratelimit.register, ratelimit.PUBLIC_METHODS, ratelimit.TABLES),
 }

@@ -50,6 +50,8 @@ log = structlog.get_logger("sysdesign.rpc")
 # A handler whose caller set no deadline still gives up after this long, so no
 # call waits forever on a backend that stopped answering.
 DEFAULT_DEADLINE_SECONDS = 30.0
+# The longest a bulk client stream (``long_calls``) may run when its caller asks for that long.
+LONG_CALL_SECONDS = 600.0
 
 _RID_PREFIX = os.urandom(5).hex()
 # A caller's request id is kept to characters that need no escaping anywhere (logs, trailers).
@@ -184,8 +186,13 @@ class PlatformInterceptor:
     """
 
     def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True,
-                 own_stream_checks: set[str] | None = None, limits: ApiLimiter | None = None):
+                 own_stream_checks: set[str] | None = None, limits: ApiLimiter | None = None,
+                 long_calls: set[str] | None = None):
         self._signer = signer
+        # Client streams that carry bulk bytes (drive block uploads): bounded by
+        # the caller's deadline up to LONG_CALL_SECONDS, not DEFAULT_DEADLINE_SECONDS,
+        # so a slow link can still finish one large message sequence.
+        self._long = set(long_calls or ())
         # Tiered rate limits per user or per IP (servers/platform/limits.py); None: off.
         self._limits = limits
         self._public = set(public_methods)
@@ -289,12 +296,12 @@ class PlatformInterceptor:
             access_log(method, code.name, elapsed, rid, caller.user_id if caller is not None else None)
 
     @staticmethod
-    def _timeout(context: grpc.aio.ServicerContext) -> float:
-        """The caller's deadline, or DEFAULT_DEADLINE_SECONDS when it set none."""
+    def _timeout(context: grpc.aio.ServicerContext, cap: float = DEFAULT_DEADLINE_SECONDS) -> float:
+        """The caller's deadline, at most ``cap`` (DEFAULT_DEADLINE_SECONDS when it set none)."""
         remaining = context.time_remaining()
-        if remaining is None or remaining > DEFAULT_DEADLINE_SECONDS:
+        if remaining is None:
             return DEFAULT_DEADLINE_SECONDS
-        return remaining
+        return min(remaining, cap)
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str,
                     public: bool, *, stream_in: bool) -> Callable[..., Awaitable[Any]]:
@@ -307,7 +314,8 @@ class PlatformInterceptor:
             rid_reset = _request_id.set(rid)
             try:
                 request = await self._admit(request, err, method, caller, context, stream_in)
-                async with asyncio.timeout(self._timeout(context)):
+                cap = LONG_CALL_SECONDS if method in self._long else DEFAULT_DEADLINE_SECONDS
+                async with asyncio.timeout(self._timeout(context, cap)):
                     return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]

@@ -71,14 +71,17 @@ class Stack:
             rt.tables.expect_tables(tables)
         public: set[str] = set()
         own_checks: set[str] = set()
+        long_calls: set[str] = set()
         for s in selected:
             public |= s.public_methods
             own_checks |= s.own_stream_checks
+            long_calls |= s.long_calls
 
         if self.grpc_enabled:
             self.server = grpc.aio.server(options=GRPC_OPTIONS)
             platform = PlatformInterceptor(rt.signer, public, access_log=self.config.access_log,
-                                          own_stream_checks=own_checks, limits=rt.api_limits)
+                                          own_stream_checks=own_checks, limits=rt.api_limits,
+                                          long_calls=long_calls)
             registrar = platform.registrar(self.server)
             for s in selected:
                 self.service_names += s.register(registrar, rt)  # type: ignore[arg-type]

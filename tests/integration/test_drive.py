@@ -541,3 +541,20 @@ def test_acknowledged_commits_survive_a_restart_and_uploads_wait_for_their_commi
         assert s2.stop() == 0, s2.logs()
 
 
+
+
+def test_a_slow_block_upload_runs_as_long_as_its_deadline_asks(stub: pbg.DriveServiceStub,
+                                                                alice: tuple[str, str]) -> None:
+    """Past the platform's 30 s default: a slow link finishing one block must not be cut off."""
+    token, _ = alice
+    data = data_of(BLOCK, 40)
+    digest = hashlib.sha256(data).hexdigest()
+
+    def slow() -> Iterator[pb.UploadBlocksRequest]:
+        yield pb.UploadBlocksRequest(sha256=digest, data=data[:100])
+        time.sleep(32)
+        yield pb.UploadBlocksRequest(sha256=digest, data=data[100:], last=True)
+
+    r = stub.UploadBlocks(slow(), metadata=grpc_metadata(token), timeout=60)
+    assert list(r.stored) == [digest]
+    assert put(stub, token, "/slow.bin", data).node.head.size_bytes == len(data)

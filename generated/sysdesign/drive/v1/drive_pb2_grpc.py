@@ -238,8 +238,9 @@ class DriveServiceServicer:
         block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
         when its bytes do not match. Uploaded blocks are held for a grace period
         (a day by default) waiting for the commit that names them. A stream is one
-        call, bounded by its deadline (30 s when the caller sets none): send a
-        large file over several streams (the blocks stored so far stay stored).
+        call, bounded by its deadline (30 s when the caller sets none, at most 10
+        minutes): send a large file over several streams (the blocks stored so far
+        stay stored), and set a longer deadline on a slow link.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -291,7 +292,10 @@ class DriveServiceServicer:
     def ListChanges(self, request, context):
         """The namespace's change journal from a cursor: every create, change, move,
         delete and restore, oldest first. An empty cursor starts at the
-        namespace's beginning; keep the returned cursor for the next call.
+        namespace's beginning; keep the returned cursor for the next call. The
+        journal is read 1.5 s behind the clock (so that a change a slower replica
+        is still writing lands ahead of every cursor): a change shows up here
+        about 1.5 s after the call that made it returned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -84,8 +84,9 @@ class DriveServiceStub:
     block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
     when its bytes do not match. Uploaded blocks are held for a grace period
     (a day by default) waiting for the commit that names them. A stream is one
-    call, bounded by its deadline (30 s when the caller sets none): send a
-    large file over several streams (the blocks stored so far stay stored).
+    call, bounded by its deadline (30 s when the caller sets none, at most 10
+    minutes): send a large file over several streams (the blocks stored so far
+    stay stored), and set a longer deadline on a slow link.
     """
     DownloadBlocks: _grpc.UnaryStreamMultiCallable[_drive_pb2.DownloadBlocksRequest, _drive_pb2.DownloadBlocksResponse]
     """Streams a file revision's blocks (all of them in order, or the ones named)."""
@@ -104,7 +105,10 @@ class DriveServiceStub:
     ListChanges: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListChangesRequest, _drive_pb2.ListChangesResponse]
     """The namespace's change journal from a cursor: every create, change, move,
     delete and restore, oldest first. An empty cursor starts at the
-    namespace's beginning; keep the returned cursor for the next call.
+    namespace's beginning; keep the returned cursor for the next call. The
+    journal is read 1.5 s behind the clock (so that a change a slower replica
+    is still writing lands ahead of every cursor): a change shows up here
+    about 1.5 s after the call that made it returned.
     """
     WatchChanges: _grpc.UnaryStreamMultiCallable[_drive_pb2.WatchChangesRequest, _drive_pb2.WatchChangesResponse]
     """ListChanges as a stream: answers at once with what is after the cursor,
@@ -171,8 +175,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
     when its bytes do not match. Uploaded blocks are held for a grace period
     (a day by default) waiting for the commit that names them. A stream is one
-    call, bounded by its deadline (30 s when the caller sets none): send a
-    large file over several streams (the blocks stored so far stay stored).
+    call, bounded by its deadline (30 s when the caller sets none, at most 10
+    minutes): send a large file over several streams (the blocks stored so far
+    stay stored), and set a longer deadline on a slow link.
     """
     DownloadBlocks: _aio.UnaryStreamMultiCallable[_drive_pb2.DownloadBlocksRequest, _drive_pb2.DownloadBlocksResponse]  # type: ignore[assignment]
     """Streams a file revision's blocks (all of them in order, or the ones named)."""
@@ -191,7 +196,10 @@ class DriveServiceAsyncStub(DriveServiceStub):
     ListChanges: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListChangesRequest, _drive_pb2.ListChangesResponse]  # type: ignore[assignment]
     """The namespace's change journal from a cursor: every create, change, move,
     delete and restore, oldest first. An empty cursor starts at the
-    namespace's beginning; keep the returned cursor for the next call.
+    namespace's beginning; keep the returned cursor for the next call. The
+    journal is read 1.5 s behind the clock (so that a change a slower replica
+    is still writing lands ahead of every cursor): a change shows up here
+    about 1.5 s after the call that made it returned.
     """
     WatchChanges: _aio.UnaryStreamMultiCallable[_drive_pb2.WatchChangesRequest, _drive_pb2.WatchChangesResponse]  # type: ignore[assignment]
     """ListChanges as a stream: answers at once with what is after the cursor,
@@ -309,8 +317,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         block is hashed on arrival and refused (INVALID_ARGUMENT, nothing stored)
         when its bytes do not match. Uploaded blocks are held for a grace period
         (a day by default) waiting for the commit that names them. A stream is one
-        call, bounded by its deadline (30 s when the caller sets none): send a
-        large file over several streams (the blocks stored so far stay stored).
+        call, bounded by its deadline (30 s when the caller sets none, at most 10
+        minutes): send a large file over several streams (the blocks stored so far
+        stay stored), and set a longer deadline on a slow link.
         """
 
     @_abc_1.abstractmethod
@@ -371,7 +380,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_drive_pb2.ListChangesResponse, _abc.Awaitable[_drive_pb2.ListChangesResponse]]:
         """The namespace's change journal from a cursor: every create, change, move,
         delete and restore, oldest first. An empty cursor starts at the
-        namespace's beginning; keep the returned cursor for the next call.
+        namespace's beginning; keep the returned cursor for the next call. The
+        journal is read 1.5 s behind the clock (so that a change a slower replica
+        is still writing lands ahead of every cursor): a change shows up here
+        about 1.5 s after the call that made it returned.
         """
 
     @_abc_1.abstractmethod
