@@ -28,6 +28,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         try:
             nbytes = parse_size(size)
+            if nbytes < 4 << 20:
+                raise ValueError("at least 4MiB (one block)")
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--size") from None
         specs = tuple(s.strip() for s in tree.split(",") if s.strip())
