@@ -86,10 +86,13 @@ def test_quick_throughput_run_measures_the_floor_and_both_services(tmp_path: Pat
     """`sysdesign bench ratelimit --quick --scenarios throughput`, with shorter steps still."""
     from clients import envoy_ratelimit
 
+    # The p99 bar is loose: this run shares two cores with the rest of the
+    # suite, and what it checks is that every target was driven and measured;
+    # a step that fails the bar would leave nothing to measure.
     code = main(RateLimitBenchOptions(
-        quick=True, scenarios=("throughput",), out_dir=tmp_path, step_seconds=0.5,
-        probe_seconds=0.3, fixed_rate_seconds=0.5, users=100, progress=False,
-        argv=["sysdesign", "bench", "ratelimit"]))
+        quick=True, scenarios=("throughput",), out_dir=tmp_path, step_seconds=0.75,
+        probe_seconds=0.5, fixed_rate_seconds=0.5, users=100, progress=False,
+        p99_limit_ms=2000.0, argv=["sysdesign", "bench", "ratelimit"]))
     data = json.loads((tmp_path / "ratelimit-latest.json").read_text())
     assert data["error"] == "", data["error"]
     [sc] = data["scenarios"]
