@@ -22,6 +22,7 @@ from servers.media import service as media
 from servers.media import worker as media_worker
 from servers.platform.runtime import Runtime
 from servers.ratelimit import service as ratelimit
+from servers.rides import service as rides
 from servers.shortener import paste
 from servers.shortener import service as shortener
 from servers.storage.queue import Job, JobQueue
@@ -38,6 +39,8 @@ class Worker:
     # Periodic work beside the consumer (e.g. re-queueing from an outbox): one
     # pass, returning the seconds to wait before the next.
     sweep: Callable[[Runtime], Awaitable[float]] | None = None
+    # Jobs one consumer runs at once (a dispatch mostly waits on a driver).
+    concurrency: Callable[[], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class System:
     # Client streams of bulk bytes that may run past the 30 s default when the
     # caller's deadline says so (servers/platform/interceptors.py LONG_CALL_SECONDS).
     long_calls: set[str] = field(default_factory=set)
+    # Client streams that stay open as long as the caller keeps them (a driver's
+    # location pings), bounded only by the caller's deadline.
+    open_streams: set[str] = field(default_factory=set)
 
 
 SYSTEMS: dict[str, System] = {
@@ -79,6 +85,11 @@ SYSTEMS: dict[str, System] = {
     # File sync, and the worker that collects blocks no revision holds any more.
     "drive": System("drive", drive.register, drive.PUBLIC_METHODS, drive.TABLES,
                     workers=[Worker("drivegc", None, None, sweep=drive.sweep)], long_calls=drive.LONG_CALLS),
+    # Ride matching, and the dispatcher that offers each ride to drivers in turn (and the surge sweep).
+    "rides": System("rides", rides.register, rides.PUBLIC_METHODS, rides.TABLES,
+                    workers=[Worker("dispatch", rides.dispatch_queue, rides.handle_dispatch, sweep=rides.sweep,
+                                    concurrency=rides.dispatch_concurrency)],
+                    own_stream_checks=rides.OWN_STREAM_CHECKS, open_streams=rides.OPEN_STREAMS),
     # Envoy's envoy.service.ratelimit.v3.RateLimitService (protos/envoy/service/ratelimit/v3).
     "ratelimit": System("ratelimit", ratelimit.register, ratelimit.PUBLIC_METHODS, ratelimit.TABLES),
 }

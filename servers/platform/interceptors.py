@@ -187,8 +187,11 @@ class PlatformInterceptor:
 
     def __init__(self, signer: auth.TokenSigner, public_methods: set[str], *, access_log: bool = True,
                  own_stream_checks: set[str] | None = None, limits: ApiLimiter | None = None,
-                 long_calls: set[str] | None = None):
+                 long_calls: set[str] | None = None, open_streams: set[str] | None = None):
         self._signer = signer
+        # Client streams that stay open as long as the caller keeps them (a
+        # driver's location pings): bounded only by the caller's own deadline.
+        self._open = set(open_streams or ())
         # Client streams that carry bulk bytes (drive block uploads): bounded by
         # the caller's deadline up to LONG_CALL_SECONDS, not DEFAULT_DEADLINE_SECONDS,
         # so a slow link can still finish one large message sequence.
@@ -217,7 +220,7 @@ class PlatformInterceptor:
                 deserialize, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, public, stream_in=True),
+                self._wrap_unary(handler.stream_unary, method, public, stream_in=not own),
                 deserialize, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -314,8 +317,12 @@ class PlatformInterceptor:
             rid_reset = _request_id.set(rid)
             try:
                 request = await self._admit(request, err, method, caller, context, stream_in)
-                cap = LONG_CALL_SECONDS if method in self._long else DEFAULT_DEADLINE_SECONDS
-                async with asyncio.timeout(self._timeout(context, cap)):
+                if method in self._open:
+                    limit = context.time_remaining()
+                else:
+                    cap = LONG_CALL_SECONDS if method in self._long else DEFAULT_DEADLINE_SECONDS
+                    limit = self._timeout(context, cap)
+                async with asyncio.timeout(limit):
                     return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.CANCELLED  # type: ignore[assignment]

@@ -72,16 +72,18 @@ class Stack:
         public: set[str] = set()
         own_checks: set[str] = set()
         long_calls: set[str] = set()
+        open_streams: set[str] = set()
         for s in selected:
             public |= s.public_methods
             own_checks |= s.own_stream_checks
             long_calls |= s.long_calls
+            open_streams |= s.open_streams
 
         if self.grpc_enabled:
             self.server = grpc.aio.server(options=GRPC_OPTIONS)
             platform = PlatformInterceptor(rt.signer, public, access_log=self.config.access_log,
                                           own_stream_checks=own_checks, limits=rt.api_limits,
-                                          long_calls=long_calls)
+                                          long_calls=long_calls, open_streams=open_streams)
             registrar = platform.registrar(self.server)
             for s in selected:
                 self.service_names += s.register(registrar, rt)  # type: ignore[arg-type]
@@ -149,7 +151,8 @@ class Stack:
 
         sweeper = asyncio.create_task(self._sweep(w), name=f"sweep-{w.name}") if w.sweep else None
         try:
-            await queue.run(consumer, handle, stop=self.stop_event)
+            await queue.run(consumer, handle, stop=self.stop_event,
+                            concurrency=w.concurrency() if w.concurrency else 1)
         finally:
             if sweeper is not None:
                 with contextlib.suppress(BaseException):

@@ -1,0 +1,326 @@
+"""Where drivers are and what each holds: Redis, with every state change in one Lua script.
+
+Keys (each driver and each cell its own hash tag, so everything runs on Redis Cluster)::
+
+    {rides:d:<driver>}:st       hash: st (available | offered | assigned | offline), ride, offer,
+                                odl (the offer's deadline, ms), lat, lng, hd, sp, ts (device ms),
+                                rts (server ms of the last ping), cell
+    {rides:d:<driver>}:offers   pub/sub channel: "the driver's offer changed"
+    {rides:c:<cell>}:geo        GEO set of the online drivers whose last ping fell in the H3 cell
+    {rides:c:<cell>}:seen       sorted set driver -> server ms of their last ping (freshness)
+
+No key holds a whole city: a nearby query asks the cells of the H3 disk around
+the pickup, one script per cell, and drops (and removes) drivers silent for the
+freshness window as it goes.
+
+A driver moves available -> offered -> assigned -> available only through
+the scripts below, each atomic on the driver's own key, so two dispatchers can
+never hand one driver two offers or two rides. An offer is a lease: past its
+deadline (plus a short grace) it no longer holds the driver, even if the
+dispatcher that made it died before it could say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from servers.rides.geo import RidesSettings, cell_of, cells_around
+from servers.storage.redis_conn import key
+
+# An offer whose deadline passed this long ago no longer holds its driver.
+LEASE_GRACE_MS = 2000
+
+
+def state_key(driver_id: int) -> str:
+    return key(f"rides:d:{driver_id}", "st")
+
+
+def offers_channel(driver_id: int) -> str:
+    return key(f"rides:d:{driver_id}", "offers")
+
+
+def geo_key(cell: str) -> str:
+    return key(f"rides:c:{cell}", "geo")
+
+
+def seen_key(cell: str) -> str:
+    return key(f"rides:c:{cell}", "seen")
+
+
+# Shared by the scripts: an offer past its lease is no offer.
+_LAPSED = f"""
+local function lapsed(st, odl, now)
+  return st == 'offered' and (tonumber(odl) or 0) + {LEASE_GRACE_MS} < now
+end
+"""
+
+# KEYS[1] state. ARGV lat lng heading speed ts now max_mps cell.
+# -> {'OK', old_cell, state} or {'BACKWARDS'|'TOO_FAST', detail}
+_PING = _LAPSED + """
+local f = redis.call('HMGET', KEYS[1], 'ts', 'lat', 'lng', 'st', 'cell', 'odl')
+local lat, lng, ts, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local st = f[4] or 'offline'
+if f[1] then
+  local pts = tonumber(f[1])
+  if ts <= pts then return {'BACKWARDS', tostring(pts)} end
+  local plat, plng = math.rad(tonumber(f[2])), math.rad(tonumber(f[3]))
+  local rlat, rlng = math.rad(lat), math.rad(lng)
+  local a = math.sin((rlat - plat) / 2) ^ 2 + math.cos(plat) * math.cos(rlat) * math.sin((rlng - plng) / 2) ^ 2
+  local d = 2 * 6371008.8 * math.asin(math.min(1, math.sqrt(a)))
+  local dt = (ts - pts) / 1000
+  -- 50 m of GPS jitter is allowed whatever the interval.
+  if d > 50 and d / dt > tonumber(ARGV[7]) then return {'TOO_FAST', tostring(math.floor(d / dt))} end
+end
+if st == 'offline' or lapsed(st, f[6], now) then
+  st = 'available'
+  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
+end
+redis.call('HSET', KEYS[1], 'lat', ARGV[1], 'lng', ARGV[2], 'hd', ARGV[3], 'sp', ARGV[4], 'ts', ARGV[5],
+           'rts', ARGV[6], 'cell', ARGV[8], 'st', st)
+redis.call('EXPIRE', KEYS[1], 86400)
+return {'OK', f[5] or '', st}
+"""
+
+# KEYS[1] geo, KEYS[2] seen. ARGV lng lat driver now.
+_PLACE = """
+redis.call('GEOADD', KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('EXPIRE', KEYS[1], 86400)
+redis.call('EXPIRE', KEYS[2], 86400)
+return 1
+"""
+
+# KEYS[1] geo, KEYS[2] seen. ARGV driver.
+_UNPLACE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS[1] geo, KEYS[2] seen. ARGV lng lat radius_m count cutoff_ms.
+# -> flat {driver, dist_m, lng, lat, ...} nearest first, fresh only; stale ones are removed.
+_NEARBY = """
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5], 'LIMIT', 0, 1000)
+for _, d in ipairs(stale) do
+  redis.call('ZREM', KEYS[1], d)
+  redis.call('ZREM', KEYS[2], d)
+end
+local hits = redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2], 'BYRADIUS', ARGV[3], 'm',
+                        'ASC', 'COUNT', ARGV[4], 'WITHDIST', 'WITHCOORD')
+local out = {}
+for _, h in ipairs(hits) do
+  out[#out + 1] = h[1]
+  out[#out + 1] = h[2]
+  out[#out + 1] = h[3][1]
+  out[#out + 1] = h[3][2]
+end
+return out
+"""
+
+# KEYS[1] state. ARGV offer ride deadline_ms now fresh_ms. -> 1 offered, 0 not available.
+_OFFER = _LAPSED + """
+local f = redis.call('HMGET', KEYS[1], 'st', 'rts', 'odl')
+local now = tonumber(ARGV[4])
+local st = f[1]
+if lapsed(st, f[3], now) then st = 'available' end
+if st ~= 'available' then return 0 end
+if not f[2] or tonumber(f[2]) < now - tonumber(ARGV[5]) then return 0 end
+redis.call('HSET', KEYS[1], 'st', 'offered', 'offer', ARGV[1], 'ride', ARGV[2], 'odl', ARGV[3])
+return 1
+"""
+
+# KEYS[1] state. ARGV offer now. -> {'OK', ride} | {'EXPIRED', ride} | {'GONE', ''}
+_ACCEPT = _LAPSED + """
+local f = redis.call('HMGET', KEYS[1], 'st', 'offer', 'ride', 'odl')
+if f[2] ~= ARGV[1] then return {'GONE', ''} end
+if f[1] == 'assigned' then return {'OK', f[3]} end
+if f[1] ~= 'offered' then return {'GONE', ''} end
+if tonumber(f[4]) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'st', 'available')
+  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
+  return {'EXPIRED', f[3]}
+end
+redis.call('HSET', KEYS[1], 'st', 'assigned')
+return {'OK', f[3]}
+"""
+
+# KEYS[1] state. ARGV offer. Frees a driver still holding the offer (declined or lapsed).
+# -> {'RELEASED', ride} | {'ACCEPTED', ride} | {'GONE', ''}
+_RELEASE = """
+local f = redis.call('HMGET', KEYS[1], 'st', 'offer', 'ride')
+if f[2] ~= ARGV[1] then return {'GONE', ''} end
+if f[1] == 'assigned' then return {'ACCEPTED', f[3]} end
+if f[1] == 'offered' then
+  redis.call('HSET', KEYS[1], 'st', 'available')
+  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
+  return {'RELEASED', f[3]}
+end
+return {'GONE', ''}
+"""
+
+# KEYS[1] state. ARGV ride. The ride ended: a driver holding it (offered or assigned) is free.
+_FINISH = """
+local f = redis.call('HMGET', KEYS[1], 'st', 'ride')
+if f[2] ~= ARGV[1] then return 0 end
+if f[1] == 'offered' or f[1] == 'assigned' then
+  redis.call('HSET', KEYS[1], 'st', 'available')
+  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] state. The stream closed: an available driver goes offline (one holding a ride does not).
+# -> the cell to leave, or ''.
+_OFFLINE = _LAPSED + """
+local f = redis.call('HMGET', KEYS[1], 'st', 'cell', 'odl')
+local st = f[1]
+if lapsed(st, f[3], tonumber(ARGV[1])) then st = 'available' end
+if st == 'available' then
+  redis.call('HSET', KEYS[1], 'st', 'offline')
+  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
+  return f[2] or ''
+end
+return ''
+"""
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass(frozen=True)
+class Nearby:
+    driver_id: int
+    distance_m: float
+    lat: float
+    lng: float
+
+
+@dataclass(frozen=True)
+class DriverView:
+    driver_id: int
+    state: str
+    lat: float
+    lng: float
+    heading: float
+    speed: float
+    ts_ms: int
+    seen_ms: int
+    ride_id: int
+    offer_id: int
+    offer_deadline_ms: int
+
+
+class PingRefused(Exception):
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(description)
+        self.field = field
+        self.description = description
+
+
+class DriverIndex:
+    def __init__(self, redis: Any, settings: RidesSettings) -> None:
+        self.redis = redis
+        self.s = settings
+        self._ping = redis.register_script(_PING)
+        self._place = redis.register_script(_PLACE)
+        self._unplace = redis.register_script(_UNPLACE)
+        self._nearby = redis.register_script(_NEARBY)
+        self._offer = redis.register_script(_OFFER)
+        self._accept = redis.register_script(_ACCEPT)
+        self._release = redis.register_script(_RELEASE)
+        self._finish = redis.register_script(_FINISH)
+        self._offline = redis.register_script(_OFFLINE)
+
+    async def ping(self, driver_id: int, lat: float, lng: float, heading: float, speed: float,
+                   ts_ms: int, now_ms: int) -> str:
+        """Records a ping; returns the driver's state. Raises PingRefused."""
+        cell = cell_of(self.s, lat, lng)
+        out = await self._ping(keys=[state_key(driver_id)], args=[
+            repr(lat), repr(lng), repr(heading), repr(speed), ts_ms, now_ms,
+            self.s.max_speed_kmh / 3.6, cell])
+        verdict = _s(out[0])
+        if verdict == "BACKWARDS":
+            raise PingRefused("time", f"must be later than the previous ping ({_s(out[1])} ms)")
+        if verdict == "TOO_FAST":
+            raise PingRefused("position", f"is {_s(out[1])} m/s from the previous ping, faster than "
+                                          f"{self.s.max_speed_kmh:.0f} km/h")
+        old = _s(out[1])
+        await self._place(keys=[geo_key(cell), seen_key(cell)], args=[repr(lng), repr(lat), driver_id, now_ms])
+        if old and old != cell:
+            await self._unplace(keys=[geo_key(old), seen_key(old)], args=[driver_id])
+        return _s(out[2])
+
+    async def go_offline(self, driver_id: int, now_ms: int) -> None:
+        cell = _s(await self._offline(keys=[state_key(driver_id)], args=[now_ms]))
+        if cell:
+            await self._unplace(keys=[geo_key(cell), seen_key(cell)], args=[driver_id])
+
+    async def nearby(self, lat: float, lng: float, now_ms: int, *, count: int = 20,
+                     radius_m: int | None = None) -> list[Nearby]:
+        """Fresh online drivers near a point, nearest first (any state)."""
+        radius = radius_m or self.s.search_radius_m
+        cutoff = now_ms - int(self.s.fresh_s * 1000)
+        cells = cells_around(self.s, lat, lng)
+        results = await asyncio.gather(*(
+            self._nearby(keys=[geo_key(c), seen_key(c)], args=[repr(lng), repr(lat), radius, count, cutoff])
+            for c in cells))
+        found: list[Nearby] = []
+        for flat in results:
+            for i in range(0, len(flat), 4):
+                found.append(Nearby(int(_s(flat[i])), float(_s(flat[i + 1])),
+                                    float(_s(flat[i + 3])), float(_s(flat[i + 2]))))
+        found.sort(key=lambda n: n.distance_m)
+        return found[:count]
+
+    async def views(self, driver_ids: list[int]) -> list[DriverView | None]:
+        if not driver_ids:
+            return []
+        rows = await asyncio.gather(*(self.redis.hgetall(state_key(d)) for d in driver_ids))
+        return [self._view(d, r) for d, r in zip(driver_ids, rows, strict=True)]
+
+    async def view(self, driver_id: int) -> DriverView | None:
+        return self._view(driver_id, await self.redis.hgetall(state_key(driver_id)))
+
+    def _view(self, driver_id: int, raw: dict[Any, Any]) -> DriverView | None:
+        if not raw:
+            return None
+        r = {_s(k): _s(v) for k, v in raw.items()}
+
+        def num(name: str) -> float:
+            try:
+                v = float(r.get(name) or 0)
+            except ValueError:
+                return 0.0
+            return v if math.isfinite(v) else 0.0
+
+        st = r.get("st", "offline")
+        if st == "offered" and num("odl") + LEASE_GRACE_MS < _now_ms():
+            st = "available"
+        return DriverView(driver_id, st, num("lat"), num("lng"), num("hd"), num("sp"), int(num("ts")),
+                          int(num("rts")), int(num("ride")), int(num("offer")), int(num("odl")))
+
+    async def offer(self, driver_id: int, offer_id: int, ride_id: int, deadline_ms: int, now_ms: int) -> bool:
+        return bool(await self._offer(keys=[state_key(driver_id)], args=[
+            offer_id, ride_id, deadline_ms, now_ms, int(self.s.fresh_s * 1000)]))
+
+    async def accept(self, driver_id: int, offer_id: int, now_ms: int) -> tuple[str, int]:
+        out = await self._accept(keys=[state_key(driver_id)], args=[offer_id, now_ms])
+        return _s(out[0]), int(_s(out[1]) or 0)
+
+    async def release(self, driver_id: int, offer_id: int) -> tuple[str, int]:
+        out = await self._release(keys=[state_key(driver_id)], args=[offer_id])
+        return _s(out[0]), int(_s(out[1]) or 0)
+
+    async def finish(self, driver_id: int, ride_id: int) -> bool:
+        return bool(await self._finish(keys=[state_key(driver_id)], args=[ride_id]))
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
