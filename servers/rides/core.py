@@ -458,7 +458,8 @@ class RidesCore:
     async def candidates(self, pickup: tuple[float, float], *, exclude: set[int], at: int,
                          count: int = 20) -> list[Candidate]:
         """Available, fresh drivers near the pickup, ranked by ETA."""
-        near = [n for n in await self.index.nearby(*pickup, at, count=count) if n.driver_id not in exclude]
+        near = [n for n in await self.index.nearby(*pickup, at, count=count + len(exclude), available=True)
+                if n.driver_id not in exclude]
         views = await self.index.views([n.driver_id for n in near])
         hour = datetime.now().hour
         out = []

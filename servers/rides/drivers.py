@@ -8,6 +8,10 @@ Keys (each driver and each cell its own hash tag, so everything runs on Redis Cl
     {rides:d:<driver>}:offers   pub/sub channel: "the driver's offer changed"
     {rides:c:<cell>}:geo        GEO set of the online drivers whose last ping fell in the H3 cell
     {rides:c:<cell>}:seen       sorted set driver -> server ms of their last ping (freshness)
+    {rides:c:<cell>}:avail      GEO set of those who were available at their last ping: a hint
+                                for the candidate search (a driver is taken out when offered a
+                                ride, put back by their next ping once free); the scripts on the
+                                driver's own key decide
 
 No key holds a whole city: a nearby query asks the cells of the H3 disk around
 the pickup, one script per cell, and drops (and removes) drivers silent for the
@@ -50,6 +54,10 @@ def seen_key(cell: str) -> str:
     return key(f"rides:c:{cell}", "seen")
 
 
+def avail_key(cell: str) -> str:
+    return key(f"rides:c:{cell}", "avail")
+
+
 # Shared by the scripts: an offer past its lease is no offer.
 _LAPSED = f"""
 local function lapsed(st, odl, now)
@@ -84,29 +92,32 @@ redis.call('EXPIRE', KEYS[1], 86400)
 return {'OK', f[5] or '', st}
 """
 
-# KEYS[1] geo, KEYS[2] seen. ARGV lng lat driver now.
+# KEYS[1] geo, KEYS[2] seen, KEYS[3] avail. ARGV lng lat driver now state.
 _PLACE = """
 redis.call('GEOADD', KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
-redis.call('EXPIRE', KEYS[1], 86400)
-redis.call('EXPIRE', KEYS[2], 86400)
+if ARGV[5] == 'available' then
+  redis.call('GEOADD', KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+else
+  redis.call('ZREM', KEYS[3], ARGV[3])
+end
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], 86400) end
 return 1
 """
 
-# KEYS[1] geo, KEYS[2] seen. ARGV driver.
+# KEYS[1] geo, KEYS[2] seen, KEYS[3] avail. ARGV driver.
 _UNPLACE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 1, 3 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1
 """
 
-# KEYS[1] geo, KEYS[2] seen. ARGV lng lat radius_m count cutoff_ms.
+# KEYS[1] the set searched (geo or avail), KEYS[2] seen, KEYS[3] geo, KEYS[4] avail.
+# ARGV lng lat radius_m count cutoff_ms.
 # -> flat {driver, dist_m, lng, lat, ...} nearest first, fresh only; stale ones are removed.
 _NEARBY = """
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5], 'LIMIT', 0, 1000)
 for _, d in ipairs(stale) do
-  redis.call('ZREM', KEYS[1], d)
-  redis.call('ZREM', KEYS[2], d)
+  for i = 2, 4 do redis.call('ZREM', KEYS[i], d) end
 end
 local hits = redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2], 'BYRADIUS', ARGV[3], 'm',
                         'ASC', 'COUNT', ARGV[4], 'WITHDIST', 'WITHCOORD')
@@ -120,57 +131,67 @@ end
 return out
 """
 
-# KEYS[1] state. ARGV offer ride deadline_ms now fresh_ms. -> 1 offered, 0 not available.
+# KEYS[1] state. ARGV offer ride deadline_ms now fresh_ms.
+# -> {1, cell} offered, {0, cell} not available (so the caller can drop the hint).
 _OFFER = _LAPSED + """
-local f = redis.call('HMGET', KEYS[1], 'st', 'rts', 'odl')
+local f = redis.call('HMGET', KEYS[1], 'st', 'rts', 'odl', 'cell')
 local now = tonumber(ARGV[4])
 local st = f[1]
+local cell = f[4] or ''
 if lapsed(st, f[3], now) then st = 'available' end
-if st ~= 'available' then return 0 end
-if not f[2] or tonumber(f[2]) < now - tonumber(ARGV[5]) then return 0 end
+if st ~= 'available' then return {0, cell} end
+if not f[2] or tonumber(f[2]) < now - tonumber(ARGV[5]) then return {0, cell} end
 redis.call('HSET', KEYS[1], 'st', 'offered', 'offer', ARGV[1], 'ride', ARGV[2], 'odl', ARGV[3])
-return 1
+return {1, cell}
 """
 
-# KEYS[1] state. ARGV offer now. -> {'OK', ride} | {'EXPIRED', ride} | {'GONE', ''}
-_ACCEPT = _LAPSED + """
+# A freed driver's {cell, lng, lat}, so the caller can put them back among the candidates.
+_FREE = """
+local function free(key)
+  redis.call('HSET', key, 'st', 'available')
+  redis.call('HDEL', key, 'offer', 'odl', 'ride')
+  local p = redis.call('HMGET', key, 'cell', 'lng', 'lat')
+  return {p[1] or '', p[2] or '', p[3] or ''}
+end
+"""
+
+# KEYS[1] state. ARGV offer now. -> {'OK', ride} | {'EXPIRED', ride, cell, lng, lat} | {'GONE', ''}
+_ACCEPT = _LAPSED + _FREE + """
 local f = redis.call('HMGET', KEYS[1], 'st', 'offer', 'ride', 'odl')
 if f[2] ~= ARGV[1] then return {'GONE', ''} end
 if f[1] == 'assigned' then return {'OK', f[3]} end
 if f[1] ~= 'offered' then return {'GONE', ''} end
 if tonumber(f[4]) < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'st', 'available')
-  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
-  return {'EXPIRED', f[3]}
+  local p = free(KEYS[1])
+  return {'EXPIRED', f[3], p[1], p[2], p[3]}
 end
 redis.call('HSET', KEYS[1], 'st', 'assigned')
 return {'OK', f[3]}
 """
 
 # KEYS[1] state. ARGV offer. Frees a driver still holding the offer (declined or lapsed).
-# -> {'RELEASED', ride} | {'ACCEPTED', ride} | {'GONE', ''}
-_RELEASE = """
+# -> {'RELEASED', ride, cell, lng, lat} | {'ACCEPTED', ride} | {'GONE', ''}
+_RELEASE = _FREE + """
 local f = redis.call('HMGET', KEYS[1], 'st', 'offer', 'ride')
 if f[2] ~= ARGV[1] then return {'GONE', ''} end
 if f[1] == 'assigned' then return {'ACCEPTED', f[3]} end
 if f[1] == 'offered' then
-  redis.call('HSET', KEYS[1], 'st', 'available')
-  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
-  return {'RELEASED', f[3]}
+  local p = free(KEYS[1])
+  return {'RELEASED', f[3], p[1], p[2], p[3]}
 end
 return {'GONE', ''}
 """
 
 # KEYS[1] state. ARGV ride. The ride ended: a driver holding it (offered or assigned) is free.
-_FINISH = """
+# -> {1, cell, lng, lat} | {0}
+_FINISH = _FREE + """
 local f = redis.call('HMGET', KEYS[1], 'st', 'ride')
-if f[2] ~= ARGV[1] then return 0 end
+if f[2] ~= ARGV[1] then return {0} end
 if f[1] == 'offered' or f[1] == 'assigned' then
-  redis.call('HSET', KEYS[1], 'st', 'available')
-  redis.call('HDEL', KEYS[1], 'offer', 'odl', 'ride')
-  return 1
+  local p = free(KEYS[1])
+  return {1, p[1], p[2], p[3]}
 end
-return 0
+return {0}
 """
 
 # KEYS[1] state. The stream closed: an available driver goes offline (one holding a ride does not).
@@ -250,30 +271,41 @@ class DriverIndex:
             raise PingRefused("position", f"is {_s(out[1])} m/s from the previous ping, faster than "
                                           f"{self.s.max_speed_kmh:.0f} km/h")
         old = _s(out[1])
-        await self._place(keys=[geo_key(cell), seen_key(cell)], args=[repr(lng), repr(lat), driver_id, now_ms])
+        state = _s(out[2])
+        await self._place(keys=[geo_key(cell), seen_key(cell), avail_key(cell)],
+                          args=[repr(lng), repr(lat), driver_id, now_ms, state])
         if old and old != cell:
-            await self._unplace(keys=[geo_key(old), seen_key(old)], args=[driver_id])
-        return _s(out[2])
+            await self._unplace(keys=[geo_key(old), seen_key(old), avail_key(old)], args=[driver_id])
+        return state
 
     async def go_offline(self, driver_id: int, now_ms: int) -> None:
         cell = _s(await self._offline(keys=[state_key(driver_id)], args=[now_ms]))
         if cell:
-            await self._unplace(keys=[geo_key(cell), seen_key(cell)], args=[driver_id])
+            await self._unplace(keys=[geo_key(cell), seen_key(cell), avail_key(cell)], args=[driver_id])
 
     async def nearby(self, lat: float, lng: float, now_ms: int, *, count: int = 20,
-                     radius_m: int | None = None) -> list[Nearby]:
-        """Fresh online drivers near a point, nearest first (any state)."""
-        radius = radius_m or self.s.search_radius_m
+                     radius_m: int | None = None, available: bool = False) -> list[Nearby]:
+        """Fresh online drivers near a point, nearest first: the ``count`` nearest within
+        ``radius_m`` (search_radius_m by default), searched in widening circles so a dense
+        city costs no more than a quiet one. With ``available``, only those who were
+        available at their last ping (a hint: the OFFER script decides)."""
         cutoff = now_ms - int(self.s.fresh_s * 1000)
-        cells = cells_around(self.s, lat, lng)
-        results = await asyncio.gather(*(
-            self._nearby(keys=[geo_key(c), seen_key(c)], args=[repr(lng), repr(lat), radius, count, cutoff])
-            for c in cells))
+        steps = [r for r in self.s.search_steps() if radius_m is None or r < radius_m]
+        steps = [*steps, radius_m] if radius_m is not None else steps
         found: list[Nearby] = []
-        for flat in results:
-            for i in range(0, len(flat), 4):
-                found.append(Nearby(int(_s(flat[i])), float(_s(flat[i + 1])),
-                                    float(_s(flat[i + 3])), float(_s(flat[i + 2]))))
+        for radius in steps:
+            cells = cells_around(self.s, lat, lng, radius)
+            results = await asyncio.gather(*(
+                self._nearby(keys=[avail_key(c) if available else geo_key(c), seen_key(c), geo_key(c),
+                                   avail_key(c)], args=[repr(lng), repr(lat), radius, count, cutoff])
+                for c in cells))
+            found = []
+            for flat in results:
+                for i in range(0, len(flat), 4):
+                    found.append(Nearby(int(_s(flat[i])), float(_s(flat[i + 1])),
+                                        float(_s(flat[i + 3])), float(_s(flat[i + 2]))))
+            if len(found) >= count:
+                break
         found.sort(key=lambda n: n.distance_m)
         return found[:count]
 
@@ -305,19 +337,37 @@ class DriverIndex:
                           int(num("rts")), int(num("ride")), int(num("offer")), int(num("odl")))
 
     async def offer(self, driver_id: int, offer_id: int, ride_id: int, deadline_ms: int, now_ms: int) -> bool:
-        return bool(await self._offer(keys=[state_key(driver_id)], args=[
-            offer_id, ride_id, deadline_ms, now_ms, int(self.s.fresh_s * 1000)]))
+        out = await self._offer(keys=[state_key(driver_id)], args=[
+            offer_id, ride_id, deadline_ms, now_ms, int(self.s.fresh_s * 1000)])
+        cell = _s(out[1])
+        if cell:
+            # Offered or busy, they are not a candidate now: their next ping puts them back once free.
+            await self.redis.zrem(avail_key(cell), str(driver_id))
+        return bool(int(out[0]))
+
+    async def _candidate_again(self, driver_id: int, where: list[Any]) -> None:
+        """A driver just freed is a candidate again at once, not only at their next ping."""
+        cell, lng, lat = (_s(x) for x in where)
+        if cell and lng and lat:
+            await self.redis.geoadd(avail_key(cell), (float(lng), float(lat), str(driver_id)))
 
     async def accept(self, driver_id: int, offer_id: int, now_ms: int) -> tuple[str, int]:
         out = await self._accept(keys=[state_key(driver_id)], args=[offer_id, now_ms])
+        if _s(out[0]) == "EXPIRED":
+            await self._candidate_again(driver_id, out[2:5])
         return _s(out[0]), int(_s(out[1]) or 0)
 
     async def release(self, driver_id: int, offer_id: int) -> tuple[str, int]:
         out = await self._release(keys=[state_key(driver_id)], args=[offer_id])
+        if _s(out[0]) == "RELEASED":
+            await self._candidate_again(driver_id, out[2:5])
         return _s(out[0]), int(_s(out[1]) or 0)
 
     async def finish(self, driver_id: int, ride_id: int) -> bool:
-        return bool(await self._finish(keys=[state_key(driver_id)], args=[ride_id]))
+        out = await self._finish(keys=[state_key(driver_id)], args=[ride_id])
+        if int(out[0]):
+            await self._candidate_again(driver_id, out[1:4])
+        return bool(int(out[0]))
 
 
 def _now_ms() -> int:

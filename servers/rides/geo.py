@@ -80,11 +80,22 @@ class RidesSettings:
         if self.search_radius_m < 100 or self.max_offers < 1 or self.offer_timeout_s <= 0:
             raise ValueError("the search radius is at least 100 m, with at least one offer of positive length")
 
-    @property
-    def ring(self) -> int:
-        """How many rings of cells around the pickup's cover the search radius."""
-        edge = h3.average_hexagon_edge_length(self.shard_res, "m")
-        return max(1, math.ceil(self.search_radius_m / (edge * math.sqrt(3))))
+    def ring(self, radius_m: float | None = None) -> int:
+        """How many rings of cells around a point's own cell cover a radius round it
+        (wherever in its cell the point is, with a margin for cells smaller than average)."""
+        edge = h3.average_hexagon_edge_length(self.shard_res, "m") * 0.9
+        r = self.search_radius_m if radius_m is None else radius_m
+        return max(1, math.ceil((r + edge) / (edge * math.sqrt(3))))
+
+    def search_steps(self) -> list[int]:
+        """The radii a nearby search tries in turn, smallest first, up to search_radius_m:
+        where drivers are dense the first small circle already holds enough of them, so
+        a query's cost follows how many it needs, not how many are online."""
+        steps, r = [], 250
+        while r < self.search_radius_m:
+            steps.append(r)
+            r *= 2
+        return [*steps, self.search_radius_m]
 
 
 def haversine_m(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
@@ -155,8 +166,8 @@ def cell_of(s: RidesSettings, lat: float, lng: float) -> str:
     return h3.latlng_to_cell(lat, lng, s.shard_res)  # type: ignore[no-any-return]
 
 
-def cells_around(s: RidesSettings, lat: float, lng: float) -> list[str]:
-    return list(h3.grid_disk(cell_of(s, lat, lng), s.ring))
+def cells_around(s: RidesSettings, lat: float, lng: float, radius_m: float | None = None) -> list[str]:
+    return list(h3.grid_disk(cell_of(s, lat, lng), s.ring(radius_m)))
 
 
 def surge_from(demand: int, supply: int, previous_milli: int, cap_milli: int) -> int:
