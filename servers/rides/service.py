@@ -94,6 +94,25 @@ def _id(raw: str) -> int:
     return int(raw)
 
 
+async def _until(messages: AsyncIterator[Any], closing: asyncio.Event) -> AsyncIterator[Any]:
+    """The stream's messages until it ends or the process starts shutting down."""
+    it = messages.__aiter__()
+    stop = asyncio.ensure_future(closing.wait())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(it.__anext__())
+            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                return
+            try:
+                yield nxt.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop.cancel()
+
+
 class RiderServicer(pb_grpc.RiderServiceServicer):
     def __init__(self, core: RidesCore) -> None:
         self.core = core
@@ -181,7 +200,7 @@ class DriverServicer(pb_grpc.DriverServiceServicer):
         out = pb.UpdateLocationResponse()
         index = -1
         try:
-            async for ping in request_iterator:
+            async for ping in _until(request_iterator, self.core.closing):
                 index += 1
                 found = validation.violations(ping)
                 if not found:
@@ -197,8 +216,10 @@ class DriverServicer(pb_grpc.DriverServiceServicer):
                     if len(out.refusals) < MAX_REFUSALS_LISTED:
                         out.refusals.append(pb.PingRefusal(index=index, field=field, description=description))
         finally:
-            # However the stream ended, a driver holding no ride stops being matched.
-            await asyncio.shield(self.core.index.go_offline(caller.user_id, c.now_ms()))
+            # However the driver's stream ended, one holding no ride stops being matched;
+            # one this replica let go of as it shuts down reconnects elsewhere and stays on.
+            if not self.core.closing.is_set():
+                await asyncio.shield(self.core.index.go_offline(caller.user_id, c.now_ms()))
         return out
 
     async def WatchOffers(self, request: pb.WatchOffersRequest,

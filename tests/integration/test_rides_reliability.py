@@ -87,3 +87,30 @@ def test_a_killed_dispatcher_mid_offer_is_taken_over(tmp_path: Path) -> None:
         if server.proc is not None:
             server.stop()
         valkey.stop()
+
+
+
+def test_a_draining_server_answers_open_ping_streams(tmp_path: Path) -> None:
+    """SIGTERM: each driver's open ping stream is answered (OK, with its counts) as the
+    drain starts, not cut when the grace period runs out, so the app reconnects elsewhere."""
+    server = StackProcess(tmp_path / "data", extra_env={**RIDES_ENV, "SYSDESIGN_SHUTDOWN_GRACE_SECONDS": "20"})
+    server.start(["serve", "--services", "identity,rides"])
+
+    async def go() -> pb.UpdateLocationResponse:
+        lat, lng = area()
+        async with grpc.aio.insecure_channel(server.grpc_addr) as ch:
+            [u] = await new_users(ch, 1)
+            d = await Driver(ch, u, lat, lng).start()
+            await asyncio.sleep(0.5)
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            # A stream cut at the end of the grace would raise here instead.
+            return await asyncio.wait_for(d.call, 60)
+
+    try:
+        res = asyncio.run(go())
+        assert res.accepted == 1 and res.refused == 0
+        assert server.proc is not None and server.proc.wait(timeout=60) == 0
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
