@@ -7,7 +7,7 @@ IMAGE  ?= sysdesign:dev
 
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
-.PHONY: run test tools test-sqlite test-cassandra test-redis-cluster proto lint bench clean install image k8s-check image-check
+.PHONY: run test tools browser test-sqlite test-cassandra test-redis-cluster proto lint bench clean install image k8s-check image-check
 
 RUN_STAMP := $(VENV)/.installed-run
 
@@ -36,7 +36,7 @@ run: $(RUN_STAMP)
 # every stack on the node, then the modules marked redis_cluster on a 3-master
 # Valkey cluster. Without Java the Cassandra half is skipped with one line
 # saying why, except under CI=true.
-test: $(STAMP) lint k8s-check image-check tools
+test: $(STAMP) lint k8s-check image-check tools browser
 	$(PY) scripts/cassandra.py run -- $(MAKE) --no-print-directory test-sqlite test-cassandra test-redis-cluster
 
 # The Go programs the tests run, built once from the Go module proxy and cached
@@ -49,6 +49,11 @@ test: $(STAMP) lint k8s-check image-check tools
 # Without Go what needs them is skipped with one line saying why.
 tools: $(STAMP)
 	$(PY) scripts/gotools.py build
+
+# Debian's Chromium for the page tests (scripts/chromium.py): apt-get installs it
+# when missing (as root); otherwise those tests skip with one line, except under CI=true.
+browser: $(STAMP)
+	$(PY) scripts/chromium.py ensure
 
 test-sqlite: $(STAMP)
 	$(PYTEST) --ignore=tests/k8s

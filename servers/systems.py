@@ -89,7 +89,8 @@ SYSTEMS: dict[str, System] = {
     "rides": System("rides", rides.register, rides.PUBLIC_METHODS, rides.TABLES,
                     workers=[Worker("dispatch", rides.dispatch_queue, rides.handle_dispatch, sweep=rides.sweep,
                                     concurrency=rides.dispatch_concurrency)],
-                    own_stream_checks=rides.OWN_STREAM_CHECKS, open_streams=rides.OPEN_STREAMS),
+                    own_stream_checks=rides.OWN_STREAM_CHECKS, open_streams=rides.OPEN_STREAMS,
+                    edge_routes=rides.edge_routes),
     # Envoy's envoy.service.ratelimit.v3.RateLimitService (protos/envoy/service/ratelimit/v3).
     "ratelimit": System("ratelimit", ratelimit.register, ratelimit.PUBLIC_METHODS, ratelimit.TABLES),
 }

@@ -93,6 +93,16 @@ def surge_key(cell: str) -> str:
     return key(f"rides:s:{cell}", "m")
 
 
+def open_rides_key(cell: str) -> str:
+    """GEO set of the rides not ended yet whose pickup lies in the cell (for the live map)."""
+    return key(f"rides:c:{cell}", "open")
+
+
+def summary_key(ride_id: int) -> str:
+    """A ride's state, driver and dropoff, for the live map."""
+    return key(f"rides:r:{ride_id}", "sum")
+
+
 # KEYS[1] the rider's active-ride key. ARGV ride. Deletes it only if it still names the ride.
 _CLEAR_ACTIVE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -293,6 +303,10 @@ class RidesCore:
         await self.tables.put(RIDE_LOG, first, if_not_exists=True)
         await self.queue.enqueue({"ride_id": ride_id})
         await self._count_demand(q.cell, ride_id, at)
+        await self.redis.hset(summary_key(ride_id), mapping={
+            "st": REQUESTED, "drv": 0, "dlat": repr(q.dropoff[0]), "dlng": repr(q.dropoff[1])})
+        await self.redis.expire(summary_key(ride_id), 86_400)
+        await self.redis.geoadd(open_rides_key(q.cell), (q.pickup[1], q.pickup[0], str(ride_id)))
         view = await self.ride(ride_id)
         assert view is not None
         log.info("ride_requested", ride_id=ride_id, rider_id=q.rider_id, cell=q.cell)
@@ -351,10 +365,13 @@ class RidesCore:
             if await self.tables.put(RIDE_LOG, new, if_not_exists=True):
                 await self.redis.incr(version_key(ride_id))
                 await self.redis.expire(version_key(ride_id), 86_400)
+                await self.redis.hset(summary_key(ride_id), mapping={"st": state,
+                                                                     "drv": int(new["driver_id"] or 0)})
                 if state in ENDED:
-                    rider = await self.tables.get(RIDES, {"ride_id": ride_id})
-                    if rider is not None:
-                        await self._clear_active(keys=[active_key(int(rider["rider_id"]))], args=[ride_id])
+                    header = await self.tables.get(RIDES, {"ride_id": ride_id})
+                    if header is not None:
+                        await self._clear_active(keys=[active_key(int(header["rider_id"]))], args=[ride_id])
+                        await self.redis.zrem(open_rides_key(str(header["pickup_cell"])), str(ride_id))
                 return new, True
         raise Unavailable("the ride is changing too fast; try again")
 

@@ -25,6 +25,8 @@ from servers.rides import core as c
 from servers.rides.core import RidesCore, RideView, dispatch_queue
 from servers.rides.drivers import DriverView, PingRefused
 from servers.rides.geo import ESTIMATE_METHOD, RidesSettings
+from servers.rides.livemap import Box, live_map
+from servers.rides.livemap import edge_routes as edge_routes
 from servers.rides.tables import TABLES as RIDES_TABLES
 from servers.storage.queue import Job
 
@@ -32,6 +34,7 @@ log = structlog.get_logger("sysdesign.rides")
 
 RIDER = pb.DESCRIPTOR.services_by_name["RiderService"].full_name
 DRIVER = pb.DESCRIPTOR.services_by_name["DriverService"].full_name
+MAP = pb.DESCRIPTOR.services_by_name["MapService"].full_name
 PUBLIC_METHODS: set[str] = set()
 UPDATE_LOCATION = f"/{DRIVER}/UpdateLocation"
 # Each ping is checked on its own: a bad one is refused, the stream goes on.
@@ -270,6 +273,33 @@ class DriverServicer(pb_grpc.DriverServiceServicer):
         return pb.UpdateTripResponse(ride=ride_message(view))
 
 
+class MapServicer(pb_grpc.MapServiceServicer):
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def WatchMap(self, request: pb.WatchMapRequest, context: Any) -> AsyncIterator[pb.WatchMapResponse]:
+        require_caller()
+        lm = live_map(self.rt)
+        box = Box.checked(request.south_west.lat, request.south_west.lng, request.north_east.lat,
+                          request.north_east.lng)
+        every = request.interval.ToMilliseconds() / 1000 if request.HasField("interval") else 1.0
+        every = min(60.0, max(0.25, every))
+        while not lm.core.closing.is_set():
+            f = await lm.frame(box)
+            yield pb.WatchMapResponse(
+                drivers=[pb.MapDriver(driver_key=d["key"], position=pb.LatLng(lat=d["lat"], lng=d["lng"]),
+                                      state=d["state"], heading_degrees=d["heading"]) for d in f["drivers"]],
+                rides=[pb.MapRide(ride_id=r["id"], state=r["state"],
+                                  pickup=pb.LatLng(lat=r["pickup"][0], lng=r["pickup"][1]),
+                                  dropoff=pb.LatLng(lat=r["dropoff"][0], lng=r["dropoff"][1]),
+                                  driver_key=r["driver"]) for r in f["rides"]],
+                surge=[pb.SurgeCell(cell=x["cell"], surge_milli=x["milli"],
+                                    boundary=[pb.LatLng(lat=p[0], lng=p[1]) for p in x["boundary"]])
+                       for x in f["surge"]],
+                time=_ts(f["time_ms"]))
+            await asyncio.sleep(every)
+
+
 def register(server: grpc.aio.Server, rt: Runtime) -> list[str]:
     core = RidesCore.for_runtime(rt)
 
@@ -279,7 +309,8 @@ def register(server: grpc.aio.Server, rt: Runtime) -> list[str]:
     rt.drainers.append(end_watches)
     pb_grpc.add_RiderServiceServicer_to_server(RiderServicer(core), server)
     pb_grpc.add_DriverServiceServicer_to_server(DriverServicer(core), server)
-    return [RIDER, DRIVER]
+    pb_grpc.add_MapServiceServicer_to_server(MapServicer(rt), server)
+    return [RIDER, DRIVER, MAP]
 
 
 async def handle_dispatch(rt: Runtime, job: Job) -> None:
@@ -295,4 +326,4 @@ async def sweep(rt: Runtime) -> float:
 
 
 __all__ = ["OPEN_STREAMS", "OWN_STREAM_CHECKS", "PUBLIC_METHODS", "TABLES", "dispatch_concurrency",
-           "dispatch_queue", "handle_dispatch", "register", "sweep"]
+           "dispatch_queue", "edge_routes", "handle_dispatch", "register", "sweep"]

@@ -75,6 +75,25 @@ CANCEL_REASON_NO_DRIVER_AVAILABLE: CancelReason.ValueType  # 2
 """Every driver near the pickup was asked (or none was available)."""
 Global___CancelReason: _TypeAlias = CancelReason  # noqa: Y015
 
+class _DriverState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DriverStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DriverState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DRIVER_STATE_UNSPECIFIED: _DriverState.ValueType  # 0
+    DRIVER_STATE_AVAILABLE: _DriverState.ValueType  # 1
+    DRIVER_STATE_OFFERED: _DriverState.ValueType  # 2
+    DRIVER_STATE_ASSIGNED: _DriverState.ValueType  # 3
+
+class DriverState(_DriverState, metaclass=_DriverStateEnumTypeWrapper): ...
+
+DRIVER_STATE_UNSPECIFIED: DriverState.ValueType  # 0
+DRIVER_STATE_AVAILABLE: DriverState.ValueType  # 1
+DRIVER_STATE_OFFERED: DriverState.ValueType  # 2
+DRIVER_STATE_ASSIGNED: DriverState.ValueType  # 3
+Global___DriverState: _TypeAlias = DriverState  # noqa: Y015
+
 @_typing.final
 class LatLng(_message.Message):
     """WGS 84 degrees."""
@@ -832,3 +851,157 @@ class UpdateTripResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateTripResponse: _TypeAlias = UpdateTripResponse  # noqa: Y015
+
+@_typing.final
+class WatchMapRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOUTH_WEST_FIELD_NUMBER: _builtins.int
+    NORTH_EAST_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def south_west(self) -> Global___LatLng: ...
+    @_builtins.property
+    def north_east(self) -> Global___LatLng: ...
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        south_west: Global___LatLng | None = ...,
+        north_east: Global___LatLng | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "north_east", b"north_east", "south_west", b"south_west"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "north_east", b"north_east", "south_west", b"south_west"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchMapRequest: _TypeAlias = WatchMapRequest  # noqa: Y015
+
+@_typing.final
+class MapDriver(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRIVER_KEY_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    HEADING_DEGREES_FIELD_NUMBER: _builtins.int
+    driver_key: _builtins.str
+    """A stable pseudonym for the map, not the driver's user id."""
+    state: Global___DriverState.ValueType
+    heading_degrees: _builtins.float
+    @_builtins.property
+    def position(self) -> Global___LatLng: ...
+    def __init__(
+        self,
+        *,
+        driver_key: _builtins.str = ...,
+        position: Global___LatLng | None = ...,
+        state: Global___DriverState.ValueType = ...,
+        heading_degrees: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver_key", b"driver_key", "heading_degrees", b"heading_degrees", "position", b"position", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapDriver: _TypeAlias = MapDriver  # noqa: Y015
+
+@_typing.final
+class MapRide(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RIDE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PICKUP_FIELD_NUMBER: _builtins.int
+    DROPOFF_FIELD_NUMBER: _builtins.int
+    DRIVER_KEY_FIELD_NUMBER: _builtins.int
+    ride_id: _builtins.str
+    state: Global___RideState.ValueType
+    driver_key: _builtins.str
+    """The assigned driver's pseudonym, once one accepted."""
+    @_builtins.property
+    def pickup(self) -> Global___LatLng:
+        """Rounded to three decimals (about 100 m)."""
+
+    @_builtins.property
+    def dropoff(self) -> Global___LatLng: ...
+    def __init__(
+        self,
+        *,
+        ride_id: _builtins.str = ...,
+        state: Global___RideState.ValueType = ...,
+        pickup: Global___LatLng | None = ...,
+        dropoff: Global___LatLng | None = ...,
+        driver_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dropoff", b"dropoff", "pickup", b"pickup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver_key", b"driver_key", "dropoff", b"dropoff", "pickup", b"pickup", "ride_id", b"ride_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapRide: _TypeAlias = MapRide  # noqa: Y015
+
+@_typing.final
+class SurgeCell(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_FIELD_NUMBER: _builtins.int
+    SURGE_MILLI_FIELD_NUMBER: _builtins.int
+    BOUNDARY_FIELD_NUMBER: _builtins.int
+    cell: _builtins.str
+    surge_milli: _builtins.int
+    @_builtins.property
+    def boundary(self) -> _containers.RepeatedCompositeFieldContainer[Global___LatLng]:
+        """The cell's outline, for shading."""
+
+    def __init__(
+        self,
+        *,
+        cell: _builtins.str = ...,
+        surge_milli: _builtins.int = ...,
+        boundary: _abc.Iterable[Global___LatLng] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boundary", b"boundary", "cell", b"cell", "surge_milli", b"surge_milli"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SurgeCell: _TypeAlias = SurgeCell  # noqa: Y015
+
+@_typing.final
+class WatchMapResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRIVERS_FIELD_NUMBER: _builtins.int
+    RIDES_FIELD_NUMBER: _builtins.int
+    SURGE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def drivers(self) -> _containers.RepeatedCompositeFieldContainer[Global___MapDriver]: ...
+    @_builtins.property
+    def rides(self) -> _containers.RepeatedCompositeFieldContainer[Global___MapRide]: ...
+    @_builtins.property
+    def surge(self) -> _containers.RepeatedCompositeFieldContainer[Global___SurgeCell]: ...
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        drivers: _abc.Iterable[Global___MapDriver] | None = ...,
+        rides: _abc.Iterable[Global___MapRide] | None = ...,
+        surge: _abc.Iterable[Global___SurgeCell] | None = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drivers", b"drivers", "rides", b"rides", "surge", b"surge", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchMapResponse: _TypeAlias = WatchMapResponse  # noqa: Y015

@@ -619,3 +619,89 @@ class DriverService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MapServiceStub:
+    """MapService feeds the live map (the edge serves it at /rides/map): online
+    drivers, open rides and surge in a box, anonymised. Any signed-in user may
+    watch: drivers carry a stable pseudonym, not their user id, and a ride's
+    pickup and dropoff are rounded to about 100 m; no rider is named.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchMap = channel.unary_stream(
+                '/sysdesign.rides.v1.MapService/WatchMap',
+                request_serializer=sysdesign_dot_rides_dot_v1_dot_rides__pb2.WatchMapRequest.SerializeToString,
+                response_deserializer=sysdesign_dot_rides_dot_v1_dot_rides__pb2.WatchMapResponse.FromString,
+                _registered_method=True)
+
+
+class MapServiceServicer:
+    """MapService feeds the live map (the edge serves it at /rides/map): online
+    drivers, open rides and surge in a box, anonymised. Any signed-in user may
+    watch: drivers carry a stable pseudonym, not their user id, and a ride's
+    pickup and dropoff are rounded to about 100 m; no rider is named.
+    """
+
+    def WatchMap(self, request, context):
+        """A frame now, then one every interval (1 s by default, 0.25 s at least),
+        until the caller goes away. The box spans at most 0.5 degrees each way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MapServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchMap': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMap,
+                    request_deserializer=sysdesign_dot_rides_dot_v1_dot_rides__pb2.WatchMapRequest.FromString,
+                    response_serializer=sysdesign_dot_rides_dot_v1_dot_rides__pb2.WatchMapResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sysdesign.rides.v1.MapService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sysdesign.rides.v1.MapService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MapService:
+    """MapService feeds the live map (the edge serves it at /rides/map): online
+    drivers, open rides and surge in a box, anonymised. Any signed-in user may
+    watch: drivers carry a stable pseudonym, not their user id, and a ride's
+    pickup and dropoff are rounded to about 100 m; no rider is named.
+    """
+
+    @staticmethod
+    def WatchMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sysdesign.rides.v1.MapService/WatchMap',
+            sysdesign_dot_rides_dot_v1_dot_rides__pb2.WatchMapRequest.SerializeToString,
+            sysdesign_dot_rides_dot_v1_dot_rides__pb2.WatchMapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -321,3 +321,52 @@ class DriverServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_DriverServiceServicer_to_server(servicer: DriverServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class MapServiceStub:
+    """MapService feeds the live map (the edge serves it at /rides/map): online
+    drivers, open rides and surge in a box, anonymised. Any signed-in user may
+    watch: drivers carry a stable pseudonym, not their user id, and a ride's
+    pickup and dropoff are rounded to about 100 m; no rider is named.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> MapServiceAsyncStub: ...
+    WatchMap: _grpc.UnaryStreamMultiCallable[_rides_pb2.WatchMapRequest, _rides_pb2.WatchMapResponse]
+    """A frame now, then one every interval (1 s by default, 0.25 s at least),
+    until the caller goes away. The box spans at most 0.5 degrees each way.
+    """
+
+@_typing.type_check_only
+class MapServiceAsyncStub(MapServiceStub):
+    """MapService feeds the live map (the edge serves it at /rides/map): online
+    drivers, open rides and surge in a box, anonymised. Any signed-in user may
+    watch: drivers carry a stable pseudonym, not their user id, and a ride's
+    pickup and dropoff are rounded to about 100 m; no rider is named.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    WatchMap: _aio.UnaryStreamMultiCallable[_rides_pb2.WatchMapRequest, _rides_pb2.WatchMapResponse]  # type: ignore[assignment]
+    """A frame now, then one every interval (1 s by default, 0.25 s at least),
+    until the caller goes away. The box spans at most 0.5 degrees each way.
+    """
+
+class MapServiceServicer(metaclass=_abc_1.ABCMeta):
+    """MapService feeds the live map (the edge serves it at /rides/map): online
+    drivers, open rides and surge in a box, anonymised. Any signed-in user may
+    watch: drivers carry a stable pseudonym, not their user id, and a ride's
+    pickup and dropoff are rounded to about 100 m; no rider is named.
+    """
+
+    @_abc_1.abstractmethod
+    def WatchMap(
+        self,
+        request: _rides_pb2.WatchMapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rides_pb2.WatchMapResponse], _abc.AsyncIterator[_rides_pb2.WatchMapResponse]]:
+        """A frame now, then one every interval (1 s by default, 0.25 s at least),
+        until the caller goes away. The box spans at most 0.5 degrees each way.
+        """
+
+def add_MapServiceServicer_to_server(servicer: MapServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
