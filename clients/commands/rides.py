@@ -43,6 +43,10 @@ def simulate(
         "--speed-kmh", help="The drivers' speed, km/h (below the server's 200 km/h).")] = 30.0,
     think: Annotated[float, typer.Option(
         "--think", min=0.0, help="Riders' mean wait between rides, seconds (exponential).")] = 5.0,
+    mint_tokens: Annotated[bool, typer.Option(
+        "--mint-tokens", help="Mint the simulated users' tokens with the data dir's secret (as "
+                              "`sysdesign token` does) instead of RegisterUser + Login, which a "
+                              "stack's API limits allow only a few times an hour.")] = False,
     addr: Annotated[str | None, typer.Option(
         "--addr", envvar="SYSDESIGN_GRPC_ADDR", metavar="HOST:PORT",
         help="The gRPC server (default 127.0.0.1:50051).")] = None,
@@ -66,21 +70,37 @@ def simulate(
         os.environ["SYSDESIGN_GRPC_ADDR"] = addr
     o = SimOptions(drivers=drivers, riders=riders, box=area, duration=duration, seed=seed,
                    accept_rate=accept_rate, speed_kmh=speed_kmh, think_seconds=think, target=grpc_target())
+    if mint_tokens:
+        from clients.common import _config
+        from clients.localauth import mint_token
+
+        config = _config()
+        # One minter at a time: each opens the table store and hashes a password.
+        lock = asyncio.Lock()
+
+        async def mint(name: str) -> tuple[str, str]:
+            async with lock:
+                token, _exp, user_id, _created = await mint_token(config, name)
+            return str(token), str(user_id)
+
+        o.mint = mint
     sim = Simulation(o)
     err.print(f"creating {drivers} drivers and {riders} riders (simdrv_{sim.run_id}_*, "
               f"simrdr_{sim.run_id}_*) on {o.target}…")
     import grpc
 
-    with Live(Text("starting…"), console=err, refresh_per_second=4, transient=False) as live:
-        try:
-            stats = asyncio.run(sim.run(on_tick=lambda s: live.update(Text(s.line()))))
-        except grpc.aio.AioRpcError as e:
-            live.stop()
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                fail(f"creating the simulated users: {e.details()}",
-                     "RegisterUser and Login are rate limited per address: fewer --drivers/--riders, "
-                     "or a stack with SYSDESIGN_API_LIMITS=off")
-            fail(f"creating the simulated users: {e.code().name}: {e.details()}")
+    live = Live(Text("starting…"), console=err, refresh_per_second=4, transient=False)
+    try:
+        stats = asyncio.run(sim.run(on_tick=lambda s: live.update(Text(s.line())),
+                                    on_users=lambda _n: live.start()))
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            fail(f"creating the simulated users: {e.details()}",
+                 "RegisterUser and Login are rate limited per address: --mint-tokens (on the stack's "
+                 "machine), fewer --drivers/--riders, or a stack with SYSDESIGN_API_LIMITS=off")
+        fail(f"creating the simulated users: {e.code().name}: {e.details()}")
+    finally:
+        live.stop()
     elapsed = max(0.0, time.monotonic() - stats.started)
     t = RichTable(title=f"rides simulate: {elapsed:.0f} s, {drivers} drivers, {riders} riders",
                   show_header=False, title_justify="left")
