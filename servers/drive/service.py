@@ -181,14 +181,15 @@ class DriveServicer(pb_grpc.DriveServiceServicer):
                 if current and m.sha256 != current:
                     raise InvalidArgument([("sha256", f"block {current} ended without a message with last set")])
                 current = m.sha256
-                data = m.data  # each read of a bytes field is a fresh copy: read it once
+                data, last = m.data, m.last  # each read of a bytes field is a fresh copy: read it once
+                del m  # and let the message's own copy go before the next one arrives
                 received += len(data)
                 size += len(data)
                 if size > c.MAX_BLOCK:
                     raise InvalidArgument([("data", f"a block is at most {c.MAX_BLOCK} bytes")])
                 if data:
                     parts.append(data)
-                if m.last:
+                if last:
                     block = parts[0] if len(parts) == 1 else b"".join(parts)
                     if storing is not None:
                         prev, storing = storing, None
@@ -196,6 +197,7 @@ class DriveServicer(pb_grpc.DriveServiceServicer):
                     storing = asyncio.create_task(store(acc, current, block))
                     current, parts, size = "", [], 0
                     del block
+                del data
             if storing is not None:
                 prev, storing = storing, None
                 await prev
