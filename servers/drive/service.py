@@ -190,12 +190,14 @@ class DriveServicer(pb_grpc.DriveServiceServicer):
                 if data:
                     parts.append(data)
                 if last:
-                    block = parts[0] if len(parts) == 1 else b"".join(parts)
                     if storing is not None:
+                        # the block before goes first: at most that one and this one are held here
                         prev, storing = storing, None
                         await prev
+                    block = parts[0] if len(parts) == 1 else b"".join(parts)
+                    parts, size = [], 0
                     storing = asyncio.create_task(store(acc, current, block))
-                    current, parts, size = "", [], 0
+                    current = ""
                     del block
                 del data
             if storing is not None:
