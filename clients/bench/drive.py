@@ -8,7 +8,8 @@ Five scenarios, each a figure next to a floor or a target:
    ``--streams`` concurrent UploadBlocks calls (2 MiB messages) and commits
    again; timed from the first byte hashed to the last commit's answer. The
    floor is **the blob port writing the same bytes in 4 MiB objects under the
-   content store's key layout** (``cas/sha256/ab/cd/<digest>``), in-process,
+   content store's key layout** (``cas/sha256/ab/cd/<digest>``, and its
+   write call, ``put_without_etag``), in-process,
    with the same concurrency, on the same filesystem (a sibling directory of
    the stack's data dir): no gRPC, no hashing, no table writes. Download: the
    head revision streamed back over ``--streams`` DownloadBlocks calls, every
@@ -397,7 +398,8 @@ def raw_blob_seconds(stack: Stack, path: Path, blocks: Sequence[FileBlock], root
             async def put(b: FileBlock) -> None:
                 async with sem:
                     data = await asyncio.to_thread(os.pread, fd, b.size, b.offset)
-                    await store.put(f"{prefix}/{cas_key(b.sha256)}", data)
+                    # the content store's own write (no etag: it names blocks by their hash)
+                    await store.put_without_etag(f"{prefix}/{cas_key(b.sha256)}", data)
 
             async def get(b: FileBlock) -> None:
                 async with sem:
@@ -751,7 +753,8 @@ def run(o: DriveBenchOptions, console: Console) -> RunReport:
                 up_sc.notes.append(
                     f"upload: {n_blocks} blocks hashed by 2 threads, CommitFile, {o.streams} concurrent UploadBlocks "
                     f"streams of {PIECE // MiB} MiB messages, CommitFile(expect_uploaded); the floor writes the same "
-                    f"blocks through open_blob_store(Config()) {o.streams} at a time, same key layout, same "
+                    f"blocks through open_blob_store(Config()).put_without_etag (the content store's write) "
+                    f"{o.streams} at a time, same key layout, same "
                     "filesystem; download: DownloadBlocks over the same number of streams, each block verified "
                     "and written at its offset, against blob-port get() of the same objects")
                 worst = max(range(len(peaks)), key=lambda i: peaks[i] - idles[i])

@@ -129,6 +129,22 @@ def content_hash(blocks: Sequence[BlockRef]) -> str:
     return hashlib.sha256("".join(b.sha256 for b in blocks).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """A node's row and its ancestors' up to (not including) the root: where the node is."""
+
+    rows: list[Row]
+
+    @property
+    def path(self) -> str:
+        return "/" + "/".join(str(r["name"]) for r in reversed(self.rows))
+
+    @property
+    def trashed(self) -> bool:
+        """The node or a folder above it is in the trash."""
+        return any(int(r["trash_id"] or 0) for r in self.rows)
+
+
 @dataclass
 class Access:
     """Who is calling into which namespace, and where a share lets them in."""
@@ -231,13 +247,13 @@ class DriveCore:
             raise NotFound(f"no such namespace: {namespace_id}", reason="NAMESPACE_NOT_FOUND")
         return Access(caller, ns, own=False, grants={int(r["folder_id"]): int(r["role"]) for r in page.rows})
 
-    async def _lineage(self, ns: int, node_id: int) -> list[Row] | None:
-        """The node's row and its ancestors' up to (not including) the root; None when broken."""
+    async def _lineage(self, ns: int, node_id: int) -> Lineage | None:
+        """Where the node is (no rows for the root); None when the chain of parents is broken."""
         out: list[Row] = []
         current = node_id
         for _ in range(4 * names.MAX_DEPTH):
             if current == ROOT_ID:
-                return out
+                return Lineage(out)
             row = await self.t.get(NODES, {"ns": ns, "node_id": current})
             if row is None:
                 return None
@@ -258,14 +274,12 @@ class DriveCore:
             raise _bad(field_name, exc) from None
         if p.node_id is not None:
             lineage = await self._lineage(acc.ns, p.node_id)
-            if not lineage:
+            if lineage is None or not lineage.rows:
                 raise _not_found(raw)
-            role = self._role(acc, [int(r["node_id"]) for r in lineage])
+            role = self._role(acc, [int(r["node_id"]) for r in lineage.rows])
             if not role:
                 raise _not_found(raw)
-            path = "/" + "/".join(str(r["name"]) for r in reversed(lineage))
-            trashed = any(int(r["trash_id"] or 0) for r in lineage)
-            return Located(lineage[0], path, trashed, role)
+            return Located(lineage.rows[0], lineage.path, lineage.trashed, role)
         return await self._walk(acc, p, raw)
 
     async def _walk(self, acc: Access, p: Path, raw: str) -> Located:
@@ -389,9 +403,9 @@ class DriveCore:
         """A sharee sees the changes inside the folders shared with them."""
         roots = []
         for folder_id in acc.grants:
-            lineage = await self._lineage(acc.ns, folder_id)
-            if lineage and not any(int(r["trash_id"] or 0) for r in lineage):
-                roots.append("/" + "/".join(str(r["name"]) for r in reversed(lineage)))
+            path = await self._folder_path(acc.ns, folder_id)
+            if path is not None:
+                roots.append(path)
 
         def inside(p: str) -> bool:
             return bool(p) and any(p == r or p.startswith(r + "/") for r in roots)
@@ -724,8 +738,9 @@ class DriveCore:
         parent = await self.ensure_folder(acc, p.parts[:-1], to_raw)
         self._need_writer(parent)
         if loc.kind == FOLDER:
-            lineage = await self._lineage(acc.ns, parent.node_id) or []
-            if parent.node_id == loc.node_id or any(int(r["node_id"]) == loc.node_id for r in lineage):
+            lineage = await self._lineage(acc.ns, parent.node_id)
+            above = lineage.rows if lineage is not None else []
+            if parent.node_id == loc.node_id or any(int(r["node_id"]) == loc.node_id for r in above):
                 raise _bad("to_path", "a folder cannot move into itself")
         name = p.parts[-1]
         old_parent, old_name = int(loc.row["parent_id"]), str(loc.row["name"])
@@ -830,10 +845,10 @@ class DriveCore:
                 raise _bad("new_name", exc) from None
         parent_id = int(loc.row["parent_id"])
         parent_lineage = await self._lineage(acc.ns, parent_id)
-        if parent_lineage is None or any(int(r["trash_id"] or 0) for r in parent_lineage):
+        if parent_lineage is None or parent_lineage.trashed:
             raise FailedPrecondition("the folder it was in is gone or in the trash: restore that first",
                                      reason="PARENT_GONE", subject=raw)
-        parent_path = "/" + "/".join(str(r["name"]) for r in reversed(parent_lineage))
+        parent_path = parent_lineage.path
         if await self._child(acc.ns, parent_id, name) is not None:
             raise AlreadyExists(f"{names.join(parent_path, name)} exists: restore under a new_name",
                                 reason="NAME_TAKEN")
@@ -899,10 +914,11 @@ class DriveCore:
         await self.t.delete(SHARES_OUT, {**key, "grantee": grantee})
 
     async def _folder_path(self, ns: int, folder_id: int) -> str | None:
+        """The path of a shared folder that is still there (not the root, not in the trash)."""
         lineage = await self._lineage(ns, folder_id)
-        if not lineage or any(int(r["trash_id"] or 0) for r in lineage):
+        if lineage is None or not lineage.rows or lineage.trashed:
             return None
-        return "/" + "/".join(str(r["name"]) for r in reversed(lineage))
+        return lineage.path
 
     async def list_shares(self, caller: int) -> tuple[list[Row], list[Row]]:
         inbound = (await self.t.slice(SHARES_IN, {"grantee": caller}, limit=1000)).rows

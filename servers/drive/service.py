@@ -6,6 +6,7 @@ DriveCore (servers/drive/core.py) and rows become messages again.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -146,30 +147,67 @@ class DriveServicer(pb_grpc.DriveServiceServicer):
 
     async def UploadBlocks(self, request_iterator: AsyncIterator[pb.UploadBlocksRequest],
                            context: grpc.aio.ServicerContext) -> pb.UploadBlocksResponse:
+        """Blocks in, each stored once its last message arrives.
+
+        A block is stored while the next one arrives (one store in flight per
+        stream, so a stream holds about two blocks). A store that fails ends
+        the call with its error; a stream that breaks off still waits for the
+        block already complete, so what was stored is what was acknowledged.
+        """
         caller = require_caller().user_id
         acc: c.Access | None = None
         current = ""
-        buf = bytearray()
+        parts: list[bytes] = []
+        size = 0
         stored: list[str] = []
         received = 0
-        async for m in request_iterator:
-            if acc is None:
-                acc = await self.core.access(caller, m.namespace_id)
-                await self.core.upload_access(acc)
-            elif m.namespace_id and int(m.namespace_id) != acc.ns:
-                raise InvalidArgument([("namespace_id", "one stream uploads to one namespace")])
-            if current and m.sha256 != current:
-                raise InvalidArgument([("sha256", f"block {current} ended without a message with last set")])
-            current = m.sha256
-            received += len(m.data)
-            if len(buf) + len(m.data) > c.MAX_BLOCK:
-                raise InvalidArgument([("data", f"a block is at most {c.MAX_BLOCK} bytes")])
-            buf += m.data
-            if m.last:
-                await self.core.store_block(acc, current, bytes(buf))
-                DRIVE_BLOCK_BYTES.labels("up").inc(len(buf))
-                stored.append(current)
-                current, buf = "", bytearray()
+        storing: asyncio.Task[None] | None = None
+
+        async def store(a: c.Access, digest: str, block: bytes) -> None:
+            await self.core.store_block(a, digest, block)
+            DRIVE_BLOCK_BYTES.labels("up").inc(len(block))
+            stored.append(digest)
+
+        try:
+            async for m in request_iterator:
+                if storing is not None and storing.done():
+                    done, storing = storing, None
+                    done.result()  # a failed store ends the call now
+                if acc is None:
+                    acc = await self.core.access(caller, m.namespace_id)
+                    await self.core.upload_access(acc)
+                elif m.namespace_id and int(m.namespace_id) != acc.ns:
+                    raise InvalidArgument([("namespace_id", "one stream uploads to one namespace")])
+                if current and m.sha256 != current:
+                    raise InvalidArgument([("sha256", f"block {current} ended without a message with last set")])
+                current = m.sha256
+                data, last = m.data, m.last  # each read of a bytes field is a fresh copy: read it once
+                del m  # and let the message's own copy go before the next one arrives
+                received += len(data)
+                size += len(data)
+                if size > c.MAX_BLOCK:
+                    raise InvalidArgument([("data", f"a block is at most {c.MAX_BLOCK} bytes")])
+                if data:
+                    parts.append(data)
+                if last:
+                    if storing is not None:
+                        # the block before goes first: at most that one and this one are held here
+                        prev, storing = storing, None
+                        await prev
+                    block = parts[0] if len(parts) == 1 else b"".join(parts)
+                    parts, size = [], 0
+                    storing = asyncio.create_task(store(acc, current, block))
+                    current = ""
+                    del block
+                del data
+            if storing is not None:
+                prev, storing = storing, None
+                await prev
+        except BaseException:
+            if storing is not None:
+                # the block in flight is stored (or refused) before the call ends; its error comes first
+                await storing
+            raise
         if current:
             raise InvalidArgument([("last", f"the stream ended inside block {current}")])
         return pb.UploadBlocksResponse(stored=stored, bytes_received=received)

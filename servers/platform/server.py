@@ -41,6 +41,11 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Receive windows of a fixed 1 MiB per stream instead of BDP probing, which on a fast link
+    # grows them until a busy server buffers hundreds of MiB of client-streamed bytes (drive
+    # block uploads) it has not read yet; 1 MiB a round trip still fills a WAN link.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1024 * 1024),
 ]
 
 

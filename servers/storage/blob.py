@@ -107,6 +107,16 @@ class BlobStore(abc.ABC):
     async def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> BlobAttributes:
         """Write an object atomically: readers see the old object or the whole new one."""
 
+    async def put_without_etag(self, key: str, data: bytes) -> None:
+        """``put``, for a writer that does not want the attributes back (a content-addressed store
+        names its objects by their hash and never asks for an etag).
+
+        Readers see exactly what ``put`` leaves; ``attributes`` still gives the
+        MD5 etag, which an adapter that must compute it may do when first asked
+        instead of on every write.
+        """
+        await self.put(key, data)
+
     @abc.abstractmethod
     async def get(self, key: str) -> bytes:
         """The whole object; BlobNotFound when absent."""

@@ -13,7 +13,8 @@ both exist (as on S3) and no key can name a path outside the tree.
 
 A put writes a temp file, fsyncs it, renames it over the object
 (``os.replace``, atomic: readers see the old or the whole new object) and
-fsyncs the directory. The sidecar records the inode, size and mtime of the
+fsyncs the directory (``put_without_etag`` writes no sidecar: the MD5 is
+left for the first ``attributes``). The sidecar records the inode, size and mtime of the
 data file it describes; when they no longer match (a crash or a concurrent
 put between the two renames), the etag is computed again from the data and
 the sidecar rewritten, so the sidecar is a cache that can never lie.
@@ -158,6 +159,16 @@ class FilesystemBlobStore(BlobStore):
         self._write_meta(key, st, etag, content_type)
         # The mtime of the file is set when its data is written, before the rename.
         return BlobAttributes(size=st.st_size, etag=etag, last_modified=st.st_mtime)
+
+    def _put_without_etag(self, key: str, data: bytes) -> None:
+        # No sidecar: the first attributes() finds none (or a stale one) and builds it.
+        self._write_file(self._data_path(key), data, durable=True)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            return os.path.isfile(self._data_path(key))
+        except (NotADirectoryError, ValueError):
+            return False
 
     def _get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._data_path(key)
@@ -383,6 +394,15 @@ class FilesystemBlobStore(BlobStore):
         self._rel(key)
         data = bytes(data)
         return await _io(self._put, key, data, content_type)
+
+    async def put_without_etag(self, key: str, data: bytes) -> None:
+        self._rel(key)
+        await _io(self._put_without_etag, key, bytes(data))
+
+    async def exists(self, key: str) -> bool:
+        # The data file alone answers: no sidecar read, no etag rebuilt for an object just written.
+        self._rel(key)
+        return await _io(self._exists, key)  # type: ignore[no-any-return]
 
     async def get(self, key: str) -> bytes:
         self._rel(key)

@@ -40,6 +40,26 @@ async def test_overwrite(blob_store: BlobStore) -> None:
     assert attrs.etag == second.etag == md5(b"second")
 
 
+async def test_put_without_etag(blob_store: BlobStore) -> None:
+    """What put leaves, without the attributes back: the etag is still the MD5 when asked."""
+    assert not await blob_store.exists("cas/x/obj")
+    await blob_store.put_without_etag("cas/x/obj", b"block bytes")
+    assert await blob_store.exists("cas/x/obj")
+    assert not await blob_store.exists("cas/x")  # a prefix of a key is no object
+    assert await blob_store.get("cas/x/obj") == b"block bytes"
+    attrs = await blob_store.attributes("cas/x/obj")
+    assert (attrs.size, attrs.etag) == (11, md5(b"block bytes"))
+    # over an object put with attributes: the old etag never outlives its bytes
+    await blob_store.put("cas/x/other", b"first")
+    await blob_store.put_without_etag("cas/x/other", b"second!")
+    attrs = await blob_store.attributes("cas/x/other")
+    assert (attrs.size, attrs.etag) == (7, md5(b"second!"))
+    assert await blob_store.get("cas/x/other") == b"second!"
+    await blob_store.delete("cas/x/obj")
+    assert not await blob_store.exists("cas/x/obj")
+    with pytest.raises(InvalidBlobKey):
+        await blob_store.put_without_etag("../escape", b"x")
+
 async def test_get_range(blob_store: BlobStore) -> None:
     data = bytes(range(256)) * 4
     await blob_store.put("r/obj", data)

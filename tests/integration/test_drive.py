@@ -312,6 +312,42 @@ def test_bad_blocks_are_refused_and_nothing_is_stored(stub: pbg.DriveServiceStub
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+
+def test_a_bad_block_mid_stream_keeps_the_blocks_before_it(stub: pbg.DriveServiceStub, alice: tuple[str, str],
+                                                           drive_stack: StackProcess) -> None:
+    """Blocks are stored while the next ones arrive: a refused block still ends the call with its
+    error, the blocks before it are stored, and none after it."""
+    token, _ = alice
+    good, bad, after = data_of(BLOCK, 51), data_of(BLOCK, 52), data_of(BLOCK, 53)
+    d_good, d_after = hashlib.sha256(good).hexdigest(), hashlib.sha256(after).hexdigest()
+    claimed = hashlib.sha256(b"not these bytes").hexdigest()
+
+    def messages() -> Iterator[pb.UploadBlocksRequest]:
+        yield pb.UploadBlocksRequest(sha256=d_good, data=good, last=True)
+        yield pb.UploadBlocksRequest(sha256=claimed, data=bad[:100])
+        yield pb.UploadBlocksRequest(sha256=claimed, data=bad[100:], last=True)
+        yield pb.UploadBlocksRequest(sha256=d_after, data=after, last=True)
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.UploadBlocks(messages(), metadata=grpc_metadata(token))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(violations(e.value)) == ["sha256"]
+    assert blob_path(drive_stack, d_good).exists()
+    assert not blob_path(drive_stack, claimed).exists()
+    assert not blob_path(drive_stack, hashlib.sha256(bad).hexdigest()).exists()
+    assert not blob_path(drive_stack, d_after).exists()
+
+    # a stream that breaks the protocol after a whole block: that block is stored all the same
+    d_first = hashlib.sha256(after).hexdigest()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.UploadBlocks(iter([pb.UploadBlocksRequest(sha256=d_first, data=after, last=True),
+                                pb.UploadBlocksRequest(sha256=d_good, data=good[:10])]),
+                          metadata=grpc_metadata(token))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(violations(e.value)) == ["last"]
+    assert blob_path(drive_stack, d_first).exists()
+
+
 @pytest.mark.parametrize("path, field", [
     ("/a/../b", "path"), ("/a/./b", "path"), ("/nul\x00name", "path"), ("relative/x", "path"),
     ("/" + "n" * 256, "path"), ("/a//b", "path"), ("/ends-with-dot.", "path"), ("/ctl\x07", "path"),
