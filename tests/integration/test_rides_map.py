@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,12 +19,10 @@ from google.protobuf.duration_pb2 import Duration
 from sysdesign.rides.v1 import rides_pb2 as pb
 from sysdesign.rides.v1 import rides_pb2_grpc as pbg
 
+from clients import chromium
 from tests.integration.helpers import violations
 from tests.integration.test_rides import RIDES_ENV, Driver, area, new_users
 from tests.stack import StackProcess
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import chromium
 
 pytestmark = [pytest.mark.redis_cluster]
 
