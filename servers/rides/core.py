@@ -41,7 +41,7 @@ import structlog
 from servers.platform.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from servers.platform.runtime import Runtime
 from servers.rides import geo
-from servers.rides.drivers import DriverIndex, PingRefused
+from servers.rides.drivers import DriverIndex, PingRefused, seen_key
 from servers.rides.geo import FareParts, RidesSettings
 from servers.rides.tables import (
     RIDE_LOG,
@@ -555,7 +555,6 @@ class RidesCore:
         verdict, _ = await self.index.release(driver, offer_id)
         if verdict == "ACCEPTED":
             # The driver's AcceptOffer logs it; log it here too in case that call died half-way.
-            await asyncio.sleep(0)
             at = now_ms()
             try:
                 await self.transition(view.ride_id, f"accept:{offer_id}", {REQUESTED, OFFERED}, ACCEPTED,
@@ -606,8 +605,6 @@ class RidesCore:
         return len(cells)
 
     async def supply(self, cell: str, at: int) -> int:
-        from servers.rides.drivers import seen_key
-
         ids = [int(x) for x in await self.redis.zrangebyscore(seen_key(cell), at - int(self.s.fresh_s * 1000),
                                                               "+inf")]
         views = await self.index.views(ids)

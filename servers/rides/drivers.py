@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,6 +372,4 @@ class DriverIndex:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)

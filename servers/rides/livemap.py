@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,8 +160,6 @@ class LiveMap:
 
 
 def _width_m(box: Box) -> float:
-    import math
-
     mid = math.radians((box.south + box.north) / 2)
     return max(1.0, (box.east - box.west) * 111_320 * math.cos(mid))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -22,6 +23,7 @@ from servers.platform.auth import require_caller
 from servers.platform.errors import InvalidArgument
 from servers.platform.runtime import Runtime
 from servers.rides import core as c
+from servers.rides import geo
 from servers.rides.core import RidesCore, RideView, dispatch_queue
 from servers.rides.drivers import DriverView, PingRefused
 from servers.rides.geo import ESTIMATE_METHOD, RidesSettings
@@ -178,10 +180,6 @@ class RiderServicer(pb_grpc.RiderServiceServicer):
     def _position(self, view: RideView, dv: DriverView) -> pb.DriverPosition:
         eta = None
         if view.state == c.ACCEPTED:
-            from datetime import datetime
-
-            from servers.rides import geo
-
             eta = _dur(geo.pickup_eta_s(self.core.s, driver=(dv.lat, dv.lng), heading=dv.heading,
                                         moving_mps=dv.speed, pickup=view.pickup, hour=datetime.now().hour))
         return pb.DriverPosition(position=pb.LatLng(lat=dv.lat, lng=dv.lng), heading_degrees=dv.heading,
