@@ -514,7 +514,10 @@ async def _dispatch_async(addr: str, drivers: list[tuple[int, str]], riders: lis
                                                        metadata=_md(tok), timeout=60)
             return str(q.quote_id)
 
-    quotes = await asyncio.gather(*(quote(i, t) for i, (_, t) in enumerate(riders)))
+    try:
+        quotes = await asyncio.gather(*(quote(i, t) for i, (_, t) in enumerate(riders)))
+    except grpc.aio.AioRpcError as exc:
+        raise HarnessError(f"GetQuote for the riders: {exc.code().name}: {exc.details()}") from None
     sent_at = time.time()
     reqs = await asyncio.gather(*(rstubs[i % len(rstubs)].RequestRide(
         pb.RequestRideRequest(quote_id=qid), metadata=_md(t), timeout=60)
@@ -528,13 +531,18 @@ async def _dispatch_async(addr: str, drivers: list[tuple[int, str]], riders: lis
         else:
             ride_of[i] = res.ride.ride_id
     final: dict[int, Any] = {}
+    poll_errors: list[str] = []
     deadline = time.monotonic() + within_s
     done_states = {pb.RIDE_STATE_ACCEPTED, pb.RIDE_STATE_CANCELLED}
     while len(final) < len(ride_of) and time.monotonic() < deadline:
         async def get(i: int) -> None:
             async with sem:
-                ride = (await rstubs[i % len(rstubs)].GetRide(pb.GetRideRequest(ride_id=ride_of[i]),
-                                                              metadata=_md(riders[i][1]), timeout=30)).ride
+                try:
+                    ride = (await rstubs[i % len(rstubs)].GetRide(
+                        pb.GetRideRequest(ride_id=ride_of[i]), metadata=_md(riders[i][1]), timeout=30)).ride
+                except grpc.aio.AioRpcError as exc:  # a busy server: asked again next round
+                    poll_errors.append(f"{exc.code().name}: {exc.details()}")
+                    return
             if ride.state in done_states:
                 final[i] = ride
 
@@ -567,6 +575,7 @@ async def _dispatch_async(addr: str, drivers: list[tuple[int, str]], riders: lis
             "drivers_with_two_rides": doubles_driver_side,
             "drivers_matched": len(by_driver), "accept_errors": len(accept_errors),
             "accept_error": accept_errors[0] if accept_errors else "",
+            "poll_errors": len(poll_errors), "poll_error": poll_errors[0] if poll_errors else "",
             "match_time": match.to_dict()}
 
 
@@ -594,7 +603,7 @@ def _dispatch(o: RidesBenchOptions, r: dict[str, Any], stack: Stack, secret: byt
     ]
     sc.notes.append(f"{nr:,} RequestRide calls sent together took {res['request_s']:.2f} s to answer; time to "
                     "match is the accepted ride's update_time - create_time (server clock)")
-    for k in ("request_error", "accept_error"):
+    for k in ("request_error", "accept_error", "poll_error"):
         if res[k]:
             sc.notes.append(f"{k.replace('_', ' ')}: {res[k]}")
     sc.details = {**res, "match_time": match.summary(), "at": DISPATCH_AT}
@@ -633,7 +642,7 @@ def run(o: RidesBenchOptions, console: Console) -> RunReport:
                         sc = _nearby(o, r, url, stack, secret, ui)
                     else:
                         sc = _dispatch(o, r, stack, secret, ui)
-                except (HarnessError, OSError, RuntimeError) as exc:
+                except Exception as exc:  # the scenario is reported as not measured; the others still run
                     sc = Scenario(name, name, error=f"{type(exc).__name__}: {exc}")
                 report.scenarios.append(sc)
                 report.measurements[name] = sc.details
