@@ -692,8 +692,9 @@ def plot(report: RunReport, path: Path) -> Path | None:
         ax2.legend(fontsize="small")
     dis = report.measurements.get("dispatch") or {}
     if dis:
-        labels = ["matched", "no driver", "other", "double"]
-        vals = [dis["matched"], dis["no_driver"], dis["other_cancelled"] + dis["unsettled"],
+        labels = ["matched", "no driver", "failed or other", "double"]
+        vals = [dis["matched"], dis["no_driver"],
+                dis["other_cancelled"] + dis["unsettled"] + dis.get("request_errors", 0),
                 dis["double_assignments"]]
         ax3.bar(labels, vals, color=["tab:green", "tab:blue", "tab:red", "tab:red"])
         for i, v in enumerate(vals):
