@@ -186,9 +186,15 @@ async def _ingest_async(addr: str, drivers: list[tuple[int, str, float, float]],
                                            heading_degrees=90.0, speed_mps=3.0, time=_ts(int(due * 1000)))
             k += 1
 
+    failed_at: list[float] = []
+
     async def one(i: int, token: str, lat: float, lng: float) -> Any:
         stub = pbg.DriverServiceStub(channels[i // per_channel])
-        return await stub.UpdateLocation(pings(i, lat, lng), metadata=_md(token), timeout=duration + 120)
+        try:
+            return await stub.UpdateLocation(pings(i, lat, lng), metadata=_md(token), timeout=duration + 120)
+        except grpc.aio.AioRpcError:
+            failed_at.append(round(time.time() - t0, 2))
+            raise
 
     results = await asyncio.gather(*(one(i, tok, lat, lng) for i, (_, tok, lat, lng) in enumerate(drivers)),
                                    return_exceptions=True)
@@ -204,7 +210,8 @@ async def _ingest_async(addr: str, drivers: list[tuple[int, str, float, float]],
     for ch in channels:
         await ch.close()
     return {"sent": sent[0], "accepted": accepted, "refused": refused, "errors": errors,
-            "last_error": last_error, "send_lag": send_lag.to_dict()}
+            "last_error": last_error, "send_lag": send_lag.to_dict(),
+            "failed_at_s": sorted(failed_at)[:: max(1, len(failed_at) // 20)]}
 
 
 def _positions(box: tuple[float, float, float, float], n: int, seed: int) -> list[tuple[float, float]]:
@@ -312,7 +319,12 @@ def _ingest(o: RidesBenchOptions, r: dict[str, Any], url: str, stack: Stack, sec
                     "at most one ping a second per driver")
     if errors:
         sc.notes.append("a stream failed: " + next(x["last_error"] for x in outs if x["errors"]))
-    sc.details = {"sent": sent, "accepted": accepted, "refused": refused, "errors": errors,
+    failed_at = sorted(t for x in outs for t in x["failed_at_s"])
+    if failed_at:
+        sc.notes.append(f"failed streams ended {failed_at[0]:.1f} to {failed_at[-1]:.1f} s after the first "
+                        "ping was due")
+    sc.details = {"failed_at_s": failed_at,
+                  "sent": sent, "accepted": accepted, "refused": refused, "errors": errors,
                   "span_s": round(span, 2), "floor_positions_per_s": round(floor, 1),
                   "lag": lags.summary(), "send_lag": send_lag.summary(), "cpu": window}
     return sc
@@ -519,9 +531,19 @@ async def _dispatch_async(addr: str, drivers: list[tuple[int, str]], riders: lis
     except grpc.aio.AioRpcError as exc:
         raise HarnessError(f"GetQuote for the riders: {exc.code().name}: {exc.details()}") from None
     sent_at = time.time()
-    reqs = await asyncio.gather(*(rstubs[i % len(rstubs)].RequestRide(
-        pb.RequestRideRequest(quote_id=qid), metadata=_md(t), timeout=60)
-        for i, ((_, t), qid) in enumerate(zip(riders, quotes, strict=True))), return_exceptions=True)
+    failed_after: list[float] = []
+
+    async def request(i: int, tok: str, qid: str) -> Any:
+        try:
+            return await rstubs[i % len(rstubs)].RequestRide(pb.RequestRideRequest(quote_id=qid),
+                                                             metadata=_md(tok), timeout=60)
+        except grpc.aio.AioRpcError:
+            failed_after.append(round(time.time() - sent_at, 2))
+            raise
+
+    reqs = await asyncio.gather(*(request(i, t, qid) for i, ((_, t), qid) in enumerate(zip(riders, quotes,
+                                                                                          strict=True))),
+                                return_exceptions=True)
     request_s = time.time() - sent_at
     ride_of: dict[int, str] = {}
     request_errors: list[str] = []
@@ -569,6 +591,7 @@ async def _dispatch_async(addr: str, drivers: list[tuple[int, str]], riders: lis
     doubles_driver_side = sum(len(set(v)) - 1 for v in accepted.values() if len(set(v)) > 1)
     return {"requested": len(ride_of), "request_errors": len(request_errors),
             "request_error": request_errors[0] if request_errors else "",
+            "request_failed_after_s": sorted(failed_after)[:: max(1, len(failed_after) // 20)],
             "request_s": round(request_s, 3), "settled": len(final), "matched": len(matched),
             "no_driver": no_driver, "other_cancelled": len(final) - len(matched) - no_driver,
             "unsettled": len(ride_of) - len(final), "double_assignments": doubles,
@@ -603,6 +626,10 @@ def _dispatch(o: RidesBenchOptions, r: dict[str, Any], stack: Stack, secret: byt
     ]
     sc.notes.append(f"{nr:,} RequestRide calls sent together took {res['request_s']:.2f} s to answer; time to "
                     "match is the accepted ride's update_time - create_time (server clock)")
+    if res["request_failed_after_s"]:
+        fa = res["request_failed_after_s"]
+        sc.notes.append(f"{res['request_errors']} RequestRide calls failed {fa[0]:.1f} to {fa[-1]:.1f} s after "
+                        "they were sent")
     for k in ("request_error", "accept_error", "poll_error"):
         if res[k]:
             sc.notes.append(f"{k.replace('_', ' ')}: {res[k]}")
