@@ -196,7 +196,12 @@ async def _ingest_async(addr: str, drivers: list[tuple[int, str, float, float]],
             failed_at.append(round(time.time() - t0, 2))
             raise
 
-    results = await asyncio.gather(*(one(i, tok, lat, lng) for i, (_, tok, lat, lng) in enumerate(drivers)),
+    async def opened(i: int, token: str, lat: float, lng: float) -> Any:
+        # Drivers connect over a few seconds, not in one instant: 100 streams every 50 ms.
+        await asyncio.sleep(i // 100 * 0.05)
+        return await one(i, token, lat, lng)
+
+    results = await asyncio.gather(*(opened(i, tok, lat, lng) for i, (_, tok, lat, lng) in enumerate(drivers)),
                                    return_exceptions=True)
     accepted = refused = errors = 0
     last_error = ""
