@@ -43,6 +43,7 @@ from servers.platform.runtime import Runtime
 from servers.rides import geo
 from servers.rides.drivers import DriverIndex, PingRefused, seen_key
 from servers.rides.geo import FareParts, RidesSettings
+from servers.rides.signals import Signals
 from servers.rides.tables import (
     RIDE_LOG,
     RIDE_OFFERS,
@@ -66,6 +67,9 @@ DISPATCH_STREAM = key("q:rides:dispatch")
 DISPATCH_GROUP = "dispatch"
 SURGE_CELLS = key("rides:surge", "cells")
 SURGE_LOCK = key("rides:surge", "lock")
+# How long a wait lasts before looking again without a signal (signals are best effort).
+FREE_RECHECK_S = 1.0
+OFFER_RECHECK_S = 1.0
 
 
 def now_ms() -> int:
@@ -222,16 +226,23 @@ class RidesCore:
         self.s = RidesSettings()
         self.tables = rt.tables
         self.redis = rt.redis
-        self.index = DriverIndex(rt.redis, self.s)
+        self.signals = Signals(rt.redis)
+        self.index = DriverIndex(rt.redis, self.s, self.signals)
         self.quotes = QuoteSigner(rt.config.secret())
         self.queue = dispatch_queue(rt.redis)
         self._clear_active = rt.redis.register_script(_CLEAR_ACTIVE)
         # Set when shutdown starts: the watch streams end, telling clients to reconnect.
         self.closing = asyncio.Event()
+        # Drivers this process is making an offer to at this instant.
+        self._offering: set[int] = set()
 
     @classmethod
     def for_runtime(cls, rt: Runtime) -> RidesCore:
-        return rt.singleton("rides_core", lambda: cls(rt))
+        def make() -> RidesCore:
+            core = cls(rt)
+            rt.closers.append(core.signals.close)
+            return core
+        return rt.singleton("rides_core", make)
 
     # -- quotes and requests ---------------------------------------------------------------
 
@@ -256,10 +267,9 @@ class RidesCore:
     async def request_ride(self, rider_id: int, quote_id: str) -> RideView:
         at = now_ms()
         q = self.quotes.verify(quote_id, rider_id, at)
-        used = await self.tables.get(RIDE_QUOTES, {"quote_nonce": q.nonce})
-        if used is not None:
-            return await self._finish_booking(q, int(used["ride_id"]), at)
         ride_id = self.rt.snowflake.next_id()
+        # The rider's one-ride lock first: a retry of a booking that went through finds it
+        # held, and only then is the quote's record read (one read fewer on the hot path).
         if not await self.redis.set(active_key(rider_id), str(ride_id), nx=True, ex=86_400):
             held = await self.redis.get(active_key(rider_id))
             used = await self.tables.get(RIDE_QUOTES, {"quote_nonce": q.nonce})
@@ -279,14 +289,16 @@ class RidesCore:
             used = await self.tables.get(RIDE_QUOTES, {"quote_nonce": q.nonce})
             assert used is not None
             return await self._finish_booking(q, int(used["ride_id"]), at)
-        return await self._finish_booking(q, ride_id, at)
+        return await self._finish_booking(q, ride_id, at, fresh=True)
 
-    async def _finish_booking(self, q: Quote, ride_id: int, at: int) -> RideView:
+    async def _finish_booking(self, q: Quote, ride_id: int, at: int, *, fresh: bool = False) -> RideView:
         """Writes what a booking leaves (header, log row 0, index, job); each step is
-        idempotent, so a retry after a crash completes a half-made booking."""
-        view = await self.ride(ride_id)
-        if view is not None:
-            return view
+        idempotent, so a retry after a crash completes a half-made booking. ``fresh``:
+        the quote was claimed just now, so there is nothing to read back first."""
+        if not fresh:
+            view = await self.ride(ride_id)
+            if view is not None:
+                return view
         header = {
             "ride_id": ride_id, "rider_id": q.rider_id, "quote_nonce": q.nonce,
             "pickup_lat": q.pickup[0], "pickup_lng": q.pickup[1],
@@ -295,22 +307,31 @@ class RidesCore:
             "distance_minor": q.fare.distance, "time_minor": q.fare.time, "surge_milli": q.fare.surge_milli,
             "distance_m": q.distance_m, "duration_s": q.duration_s, "pickup_cell": q.cell, "create_ms": at,
         }
-        await self.tables.put(RIDES, header)
-        await self.tables.put(RIDES_BY_RIDER, {"rider_id": q.rider_id, "ride_id": ride_id})
         first = {"ride_id": ride_id, "seq": 0, "op": "request", "state": REQUESTED, "at_ms": at,
                  "driver_id": 0, "offer_id": 0, "offer_driver": 0, "offer_deadline_ms": 0, "asked": "",
                  "offers": 0, "cancel_reason": 0, "fee_minor": 0, "accept_ms": 0}
-        await self.tables.put(RIDE_LOG, first, if_not_exists=True)
-        await self.queue.enqueue({"ride_id": ride_id})
-        await self._count_demand(q.cell, ride_id, at)
-        await self.redis.hset(summary_key(ride_id), mapping={
-            "st": REQUESTED, "drv": 0, "dlat": repr(q.dropoff[0]), "dlng": repr(q.dropoff[1])})
-        await self.redis.expire(summary_key(ride_id), 86_400)
-        await self.redis.geoadd(open_rides_key(q.cell), (q.pickup[1], q.pickup[0], str(ride_id)))
+        # The three rows are independent (a reader needs header and log row 0, and a retry
+        # writes whichever is missing); the job goes out only once both exist.
+        _, _, claimed = await asyncio.gather(
+            self.tables.put(RIDES, header),
+            self.tables.put(RIDES_BY_RIDER, {"rider_id": q.rider_id, "ride_id": ride_id}),
+            self.tables.put(RIDE_LOG, first, if_not_exists=True))
+        await asyncio.gather(self.queue.enqueue({"ride_id": ride_id}), self._count_demand(q.cell, ride_id, at),
+                             self._show_on_map(q, ride_id))
+        if claimed:
+            log.info("ride_requested", ride_id=ride_id, rider_id=q.rider_id, cell=q.cell)
+            return RideView(header, first)
         view = await self.ride(ride_id)
         assert view is not None
-        log.info("ride_requested", ride_id=ride_id, rider_id=q.rider_id, cell=q.cell)
         return view
+
+    async def _show_on_map(self, q: Quote, ride_id: int) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(summary_key(ride_id), mapping={
+                "st": REQUESTED, "drv": 0, "dlat": repr(q.dropoff[0]), "dlng": repr(q.dropoff[1])})
+            pipe.expire(summary_key(ride_id), 86_400)
+            pipe.geoadd(open_rides_key(q.cell), (q.pickup[1], q.pickup[0], str(ride_id)))
+            await pipe.execute()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -363,10 +384,12 @@ class RidesCore:
             new = {**cur, **(change(cur) if change else {}), "seq": int(cur["seq"]) + 1, "op": op,
                    "state": state, "at_ms": now_ms()}
             if await self.tables.put(RIDE_LOG, new, if_not_exists=True):
-                await self.redis.incr(version_key(ride_id))
-                await self.redis.expire(version_key(ride_id), 86_400)
-                await self.redis.hset(summary_key(ride_id), mapping={"st": state,
-                                                                     "drv": int(new["driver_id"] or 0)})
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.incr(version_key(ride_id))
+                    pipe.expire(version_key(ride_id), 86_400)
+                    pipe.hset(summary_key(ride_id), mapping={"st": state, "drv": int(new["driver_id"] or 0)})
+                    await pipe.execute()
+                await self.signals.publish(f"r:{ride_id}")
                 if state in ENDED:
                     header = await self.tables.get(RIDES, {"ride_id": ride_id})
                     if header is not None:
@@ -489,6 +512,9 @@ class RidesCore:
         out.sort(key=lambda c: (c.eta_s, c.driver_id))
         return out
 
+    def _search_cells(self, pickup: tuple[float, float]) -> frozenset[str]:
+        return frozenset(geo.cells_around(self.s, *pickup, self.s.search_radius_m))
+
     async def dispatch(self, ride_id: int) -> None:
         """Finds the ride a driver, from wherever its log says it is (the dispatcher's job)."""
         waited_since = 0.0
@@ -508,22 +534,33 @@ class RidesCore:
             if int(cur["offers"] or 0) >= self.s.max_offers:
                 await self._no_driver(ride_id)
                 return
-            at = now_ms()
             offered = None
-            for cand in await self.candidates(view.pickup, exclude=asked, at=at):
-                offer_id = self.rt.snowflake.next_id()
-                deadline = at + int(self.s.offer_timeout_s * 1000)
-                if await self.index.offer(cand.driver_id, offer_id, ride_id, deadline, at):
-                    offered = (cand, offer_id, deadline)
-                    break
-            if offered is None:
-                loop = asyncio.get_running_loop()
-                waited_since = waited_since or loop.time()
-                if loop.time() - waited_since >= self.s.no_driver_wait_s:
-                    await self._no_driver(ride_id)
-                    return
-                await asyncio.sleep(0.5)
-                continue
+            # Registered before the search, so a driver freed during it still wakes this ride.
+            with self.signals.on_free(self._search_cells(view.pickup)) as freed:
+                at = now_ms()
+                for cand in await self.candidates(view.pickup, exclude=asked | self._offering, at=at):
+                    offer_id = self.rt.snowflake.next_id()
+                    deadline = at + int(self.s.offer_timeout_s * 1000)
+                    # Other rides of this process skip a driver being offered one right now.
+                    self._offering.add(cand.driver_id)
+                    try:
+                        got = await self.index.offer(cand.driver_id, offer_id, ride_id, deadline, at)
+                    finally:
+                        self._offering.discard(cand.driver_id)
+                    if got:
+                        offered = (cand, offer_id, deadline)
+                        break
+                if offered is None:
+                    loop = asyncio.get_running_loop()
+                    waited_since = waited_since or loop.time()
+                    left = self.s.no_driver_wait_s - (loop.time() - waited_since)
+                    if left <= 0:
+                        await self._no_driver(ride_id)
+                        return
+                    # Woken by a driver coming free nearby; looks again anyway after a second
+                    # (a driver who just came online sends no signal).
+                    await freed.wait(min(left, FREE_RECHECK_S))
+                    continue
             waited_since = 0.0
             cand, offer_id, deadline = offered
             await self.tables.put(RIDE_OFFERS, {"offer_id": offer_id, "ride_id": ride_id,
@@ -547,11 +584,13 @@ class RidesCore:
         """Waits out the open offer: accepted, declined or lapsed, then logs which."""
         cur = view.now
         driver, offer_id, deadline = int(cur["offer_driver"]), int(cur["offer_id"]), int(cur["offer_deadline_ms"])
-        while now_ms() < deadline + 250:
-            v = await self.index.view(driver)
-            if v is None or v.offer_id != offer_id or v.state != "offered":
-                break
-            await asyncio.sleep(0.2)
+        with self.signals.on("o", offer_id) as settled:
+            while (left := deadline + 250 - now_ms()) > 0:
+                v = await self.index.view(driver)
+                if v is None or v.offer_id != offer_id or v.state != "offered":
+                    break
+                # Woken when the driver accepts or declines; looks again every second anyway.
+                await settled.wait(min(left / 1000, OFFER_RECHECK_S))
         verdict, _ = await self.index.release(driver, offer_id)
         if verdict == "ACCEPTED":
             # The driver's AcceptOffer logs it; log it here too in case that call died half-way.

@@ -5,7 +5,6 @@ Keys (each driver and each cell its own hash tag, so everything runs on Redis Cl
     {rides:d:<driver>}:st       hash: st (available | offered | assigned | offline), ride, offer,
                                 odl (the offer's deadline, ms), lat, lng, hd, sp, ts (device ms),
                                 rts (server ms of the last ping), cell
-    {rides:d:<driver>}:offers   pub/sub channel: "the driver's offer changed"
     {rides:c:<cell>}:geo        GEO set of the online drivers whose last ping fell in the H3 cell
     {rides:c:<cell>}:seen       sorted set driver -> server ms of their last ping (freshness)
     {rides:c:<cell>}:avail      GEO set of those who were available at their last ping: a hint
@@ -17,6 +16,10 @@ No key holds a whole city: a nearby query asks the cells of the H3 disk around
 the pickup, one script per cell, and drops (and removes) drivers silent for the
 freshness window as it goes.
 
+Every change that someone may be waiting for is also signalled on
+``{rides:signals}`` (servers/rides/signals.py) so waiters wake at once
+instead of polling.
+
 A driver moves available -> offered -> assigned -> available only through
 the scripts below, each atomic on the driver's own key, so two dispatchers can
 never hand one driver two offers or two rides. An offer is a lease: past its
@@ -26,14 +29,16 @@ dispatcher that made it died before it could say so.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from servers.rides.geo import RidesSettings, cell_of, cells_around
-from servers.storage.redis_conn import key
+from servers.rides.signals import Signals
+from servers.storage.redis_conn import key, queue_evalsha
 
 # An offer whose deadline passed this long ago no longer holds its driver.
 LEASE_GRACE_MS = 2000
@@ -245,9 +250,10 @@ class PingRefused(Exception):
 
 
 class DriverIndex:
-    def __init__(self, redis: Any, settings: RidesSettings) -> None:
+    def __init__(self, redis: Any, settings: RidesSettings, signals: Signals | None = None) -> None:
         self.redis = redis
         self.s = settings
+        self.signals = signals
         self._ping = redis.register_script(_PING)
         self._place = redis.register_script(_PLACE)
         self._unplace = redis.register_script(_UNPLACE)
@@ -296,10 +302,9 @@ class DriverIndex:
         found: list[Nearby] = []
         for radius in steps:
             cells = cells_around(self.s, lat, lng, radius)
-            results = await asyncio.gather(*(
-                self._nearby(keys=[avail_key(c) if available else geo_key(c), seen_key(c), geo_key(c),
-                                   avail_key(c)], args=[repr(lng), repr(lat), radius, count, cutoff])
-                for c in cells))
+            results = await self._pipelined(self._nearby, [
+                ([avail_key(c) if available else geo_key(c), seen_key(c), geo_key(c), avail_key(c)],
+                 [repr(lng), repr(lat), radius, count, cutoff]) for c in cells])
             found = []
             for flat in results:
                 for i in range(0, len(flat), 4):
@@ -313,7 +318,10 @@ class DriverIndex:
     async def views(self, driver_ids: list[int]) -> list[DriverView | None]:
         if not driver_ids:
             return []
-        rows = await asyncio.gather(*(self.redis.hgetall(state_key(d)) for d in driver_ids))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d in driver_ids:
+                pipe.hgetall(state_key(d))
+            rows = await pipe.execute()
         return [self._view(d, r) for d, r in zip(driver_ids, rows, strict=True)]
 
     async def view(self, driver_id: int) -> DriverView | None:
@@ -337,31 +345,62 @@ class DriverIndex:
         return DriverView(driver_id, st, num("lat"), num("lng"), num("hd"), num("sp"), int(num("ts")),
                           int(num("rts")), int(num("ride")), int(num("offer")), int(num("odl")))
 
+    async def _pipelined(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One script run for each (keys, args), in one pipeline (one round trip)."""
+        if len(calls) == 1:
+            return [await script(keys=calls[0][0], args=calls[0][1])]
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    queue_evalsha(pipe, script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                # A restarted or new node has not seen the script: load it, run them again
+                # (a script that raised NOSCRIPT never ran, so none runs twice).
+                await self.redis.script_load(script.script)
+                continue
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return list(results)
+        raise AssertionError("unreachable")
+
+    async def _signal(self, *messages: str) -> None:
+        if self.signals is not None:
+            await self.signals.publish(*messages)
+
     async def offer(self, driver_id: int, offer_id: int, ride_id: int, deadline_ms: int, now_ms: int) -> bool:
         out = await self._offer(keys=[state_key(driver_id)], args=[
             offer_id, ride_id, deadline_ms, now_ms, int(self.s.fresh_s * 1000)])
         cell = _s(out[1])
+        made = bool(int(out[0]))
         if cell:
             # Offered or busy, they are not a candidate now: their next ping puts them back once free.
             await self.redis.zrem(avail_key(cell), str(driver_id))
-        return bool(int(out[0]))
+        if made:
+            await self._signal(f"d:{driver_id}")
+        return made
 
-    async def _candidate_again(self, driver_id: int, where: list[Any]) -> None:
+    async def _candidate_again(self, driver_id: int, where: list[Any], *signals: str) -> None:
         """A driver just freed is a candidate again at once, not only at their next ping."""
         cell, lng, lat = (_s(x) for x in where)
         if cell and lng and lat:
             await self.redis.geoadd(avail_key(cell), (float(lng), float(lat), str(driver_id)))
+        await self._signal(*signals, f"d:{driver_id}", *([f"f:{cell}"] if cell else []))
 
     async def accept(self, driver_id: int, offer_id: int, now_ms: int) -> tuple[str, int]:
         out = await self._accept(keys=[state_key(driver_id)], args=[offer_id, now_ms])
-        if _s(out[0]) == "EXPIRED":
-            await self._candidate_again(driver_id, out[2:5])
-        return _s(out[0]), int(_s(out[1]) or 0)
+        verdict = _s(out[0])
+        if verdict == "EXPIRED":
+            await self._candidate_again(driver_id, out[2:5], f"o:{offer_id}")
+        elif verdict == "OK":
+            await self._signal(f"o:{offer_id}", f"d:{driver_id}")
+        return verdict, int(_s(out[1]) or 0)
 
     async def release(self, driver_id: int, offer_id: int) -> tuple[str, int]:
         out = await self._release(keys=[state_key(driver_id)], args=[offer_id])
         if _s(out[0]) == "RELEASED":
-            await self._candidate_again(driver_id, out[2:5])
+            await self._candidate_again(driver_id, out[2:5], f"o:{offer_id}")
         return _s(out[0]), int(_s(out[1]) or 0)
 
     async def finish(self, driver_id: int, ride_id: int) -> bool:

@@ -29,6 +29,7 @@ from servers.rides.drivers import DriverView, PingRefused
 from servers.rides.geo import ESTIMATE_METHOD, RidesSettings
 from servers.rides.livemap import Box, live_map
 from servers.rides.livemap import edge_routes as edge_routes
+from servers.rides.signals import Wake
 from servers.rides.tables import TABLES as RIDES_TABLES
 from servers.storage.queue import Job
 
@@ -45,8 +46,10 @@ OWN_STREAM_CHECKS = {UPDATE_LOCATION}
 OPEN_STREAMS = {UPDATE_LOCATION}
 TABLES = RIDES_TABLES
 MAX_REFUSALS_LISTED = 100
-# How often the watch streams look again (the driver's position changes about once a second).
+# How often a rider's stream looks at the driver's position (it changes about once a second).
 WATCH_POLL_S = 0.25
+# Watches wake on signals (servers/rides/signals.py); without one they look again this often.
+WATCH_RECHECK_S = 1.0
 
 
 def dispatch_concurrency() -> int:
@@ -155,6 +158,12 @@ class RiderServicer(pb_grpc.RiderServiceServicer):
         caller = require_caller()
         ride_id = _id(request.ride_id)
         view = await self.core.ride_for(caller.user_id, ride_id)
+        with self.core.signals.on("r", ride_id) as changed:
+            async for message in self._watch_ride(caller.user_id, ride_id, view, changed):
+                yield message
+
+    async def _watch_ride(self, caller: int, ride_id: int, view: RideView,
+                          changed: Wake) -> AsyncIterator[pb.WatchRideResponse]:
         version = await self.core.version(ride_id)
         last_ping = 0
         last_ride: pb.Ride | None = None
@@ -171,11 +180,14 @@ class RiderServicer(pb_grpc.RiderServiceServicer):
                 last_ride = ride
             if view.state in c.ENDED or self.core.closing.is_set():
                 return
-            await asyncio.sleep(WATCH_POLL_S)
+            if view.driver_id and view.state in (c.ACCEPTED, c.ARRIVING, c.IN_PROGRESS):
+                await asyncio.sleep(WATCH_POLL_S)  # the driver's position, about once a second
+            else:
+                await changed.wait(WATCH_RECHECK_S)
             now_version = await self.core.version(ride_id)
             if now_version != version:
                 version = now_version
-                view = await self.core.ride_for(caller.user_id, ride_id)
+                view = await self.core.ride_for(caller, ride_id)
 
     def _position(self, view: RideView, dv: DriverView) -> pb.DriverPosition:
         eta = None
@@ -227,20 +239,23 @@ class DriverServicer(pb_grpc.DriverServiceServicer):
                           context: Any) -> AsyncIterator[pb.WatchOffersResponse]:
         caller = require_caller()
         open_offer = 0
-        while not self.core.closing.is_set():
-            v = await self.core.index.view(caller.user_id)
-            current = v.offer_id if v is not None and v.state == "offered" else 0
-            if open_offer and current != open_offer:
-                accepted = v is not None and v.state == "assigned" and v.offer_id == open_offer
-                if not accepted:
-                    yield pb.WatchOffersResponse(withdrawn_offer_id=str(open_offer))
-                open_offer = 0
-            if current and current != open_offer:
-                offer = await self._offer(caller.user_id, current)
-                if offer is not None:
-                    yield pb.WatchOffersResponse(offer=offer)
-                    open_offer = current
-            await asyncio.sleep(WATCH_POLL_S)
+        with self.core.signals.on("d", caller.user_id) as changed:
+            while not self.core.closing.is_set():
+                v = await self.core.index.view(caller.user_id)
+                current = v.offer_id if v is not None and v.state == "offered" else 0
+                if open_offer and current != open_offer:
+                    accepted = v is not None and v.state == "assigned" and v.offer_id == open_offer
+                    if not accepted:
+                        yield pb.WatchOffersResponse(withdrawn_offer_id=str(open_offer))
+                    open_offer = 0
+                if current and current != open_offer:
+                    offer = await self._offer(caller.user_id, current)
+                    if offer is not None:
+                        yield pb.WatchOffersResponse(offer=offer)
+                        open_offer = current
+                # Woken when the driver's offer changes; an offer's lapse sends no signal, so
+                # an open one is looked at again within WATCH_RECHECK_S.
+                await changed.wait(WATCH_RECHECK_S)
 
     async def _offer(self, driver_id: int, offer_id: int) -> pb.Offer | None:
         try:
