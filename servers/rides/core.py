@@ -41,7 +41,7 @@ import structlog
 from servers.platform.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from servers.platform.runtime import Runtime
 from servers.rides import geo
-from servers.rides.drivers import DriverIndex, PingRefused, seen_key
+from servers.rides.drivers import DriverIndex, PingArgs, PingBatcher, PingRefused, seen_key
 from servers.rides.geo import FareParts, RidesSettings
 from servers.rides.signals import Signals
 from servers.rides.tables import (
@@ -228,6 +228,7 @@ class RidesCore:
         self.redis = rt.redis
         self.signals = Signals(rt.redis)
         self.index = DriverIndex(rt.redis, self.s, self.signals)
+        self.pings = PingBatcher(self.index)
         self.quotes = QuoteSigner(rt.config.secret())
         self.queue = dispatch_queue(rt.redis)
         self._clear_active = rt.redis.register_script(_CLEAR_ACTIVE)
@@ -241,6 +242,7 @@ class RidesCore:
         def make() -> RidesCore:
             core = cls(rt)
             rt.closers.append(core.signals.close)
+            rt.closers.append(core.pings.close)
             return core
         return rt.singleton("rides_core", make)
 
@@ -433,7 +435,7 @@ class RidesCore:
         at = now_ms()
         if ts_ms > at + 10_000:
             raise PingRefused("time", "is more than 10 s in the future")
-        await self.index.ping(driver_id, lat, lng, heading, speed, ts_ms, at)
+        await self.pings.ping(PingArgs(driver_id, lat, lng, heading, speed, ts_ms, at))
 
     async def offer_for(self, driver_id: int, offer_id: int) -> Row:
         row = await self.tables.get(RIDE_OFFERS, {"offer_id": offer_id})
