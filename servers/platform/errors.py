@@ -139,6 +139,37 @@ class ResourceExhausted(ServiceError):
         ]
 
 
+class Aborted(ServiceError):
+    """A concurrent call holds what this one needs (an idempotency key in flight):
+    retry after the delay given."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, message: str, *, retry_after_seconds: float, reason: str):
+        super().__init__(message, reason=reason)
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[object]:
+        secs = int(self.retry_after_seconds)
+        nanos = int((self.retry_after_seconds - secs) * 1e9)
+        return [
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=secs, nanos=nanos)),
+            *super().details(),
+        ]
+
+
+class Replayed(ServiceError):
+    """An error answered before, answered again exactly as it was (its stored status)."""
+
+    def __init__(self, stored: status_pb2.Status):
+        super().__init__(stored.message)
+        self.stored = stored
+        self.code = next((c for c in grpc.StatusCode if c.value[0] == stored.code), grpc.StatusCode.UNKNOWN)
+
+    def to_status(self) -> status_pb2.Status:
+        return self.stored
+
+
 class Unavailable(ServiceError):
     """A backend is unreachable; the client may retry."""
 
