@@ -290,7 +290,7 @@ class Psp:
         try:
             if request.path.startswith("/v1/"):
                 self._authenticate(request)
-                if self.faults.latency_ms:
+                if self.faults.latency_ms and request.method != "POST":  # POSTs: once their key is taken
                     await asyncio.sleep(self.faults.latency_ms / 1000)
                 self._roll_request_faults()
             return await handler(request)
@@ -358,6 +358,8 @@ class Psp:
                                    f"'{key}'; retry later.", code="idempotency_key_in_use")
                 self.in_flight.add(key)
             try:
+                if self.faults.latency_ms:
+                    await asyncio.sleep(self.faults.latency_ms / 1000)
                 with self.store.tx() as db:
                     if key:
                         db.execute("DELETE FROM idem WHERE key=?", (key,))

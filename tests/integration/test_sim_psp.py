@@ -218,6 +218,21 @@ async def test_same_key_different_body_is_refused(psp: SimPsp) -> None:
     assert status == 400 and err["type"] == "idempotency_error"
 
 
+async def test_same_key_while_the_first_is_in_flight_is_409(psp: SimPsp) -> None:
+    await faults(psp.url, latency_ms=1500)
+    try:
+        first = asyncio.create_task(call(psp.url, "POST", "/v1/payment_intents", intent(), key="inflight-1"))
+        await asyncio.sleep(0.3)
+        status, err = await error(psp.url, "POST", "/v1/payment_intents", intent(), key="inflight-1")
+        s1, raw1, _ = await first
+    finally:
+        await faults(psp.url, latency_ms=0)
+    assert status == 409 and err["code"] == "idempotency_key_in_use"
+    assert s1 == 200
+    s2, raw2, _ = await call(psp.url, "POST", "/v1/payment_intents", intent(), key="inflight-1")
+    assert (s2, raw2) == (200, raw1)
+
+
 async def test_auth_is_required(psp: SimPsp) -> None:
     status, err = await error(psp.url, "GET", "/v1/payment_intents", auth=False)
     assert status == 401 and err["type"] == "invalid_request_error"
