@@ -8,6 +8,7 @@ import io
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -181,6 +182,18 @@ async def faults(base: str, **values: Any) -> dict[str, Any]:
     async with aiohttp.ClientSession() as s, s.post(base + "/_sim/faults", json=values) as resp:
         assert resp.status == 200, await resp.text()
         return dict(await resp.json())
+
+
+async def deliveries_of(sim: SimPsp, event_id: str, until: str) -> list[dict[str, Any]]:
+    """The simulator's delivery records of an event, once the first is in state `until`."""
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(sim.url + "/_sim/webhooks") as resp:
+                mine = [d for d in (await resp.json())["data"] if d["event"] == event_id]
+            if (mine and mine[0]["state"] == until) or time.monotonic() > deadline:
+                return mine
+            await asyncio.sleep(0.05)
 
 
 def intent(card: str = "4242424242424242", amount: int = 1000, **extra: Any) -> dict[str, Any]:
@@ -408,6 +421,8 @@ async def test_webhooks_are_signed_and_retried(hooked: SimPsp, receiver: Receive
     for event, raw, header in receiver.received:
         if event["data"]["object"]["id"] == pi["id"]:
             assert verify_signature(raw, header, WHSEC, 300) > 0
+    mine = await deliveries_of(hooked, got[0]["id"], until="delivered")
+    assert [(d["state"], d["attempts"], d["last_status"]) for d in mine] == [("delivered", 2, 200)]
     await ok(hooked.url, "POST", f"/v1/payment_intents/{pi['id']}/capture", {})
     await ok(hooked.url, "POST", "/v1/refunds", {"payment_intent": pi["id"], "amount": 100})
     got = await receiver.wait_for(pi["id"], 4)
@@ -448,11 +463,9 @@ async def test_dropped_webhooks_stay_readable_as_events(hooked: SimPsp, receiver
     kept = await ok(hooked.url, "POST", "/v1/payment_intents", intent(confirm=True))
     await receiver.wait_for(kept["id"], 1)
     assert receiver.events_for(dropped["id"]) == []
-    async with aiohttp.ClientSession() as s, s.get(hooked.url + "/_sim/webhooks") as resp:
-        deliveries = (await resp.json())["data"]
     events = await ok(hooked.url, "GET", "/v1/events?type=payment_intent.succeeded&limit=100")
     ev = next(e for e in events["data"] if e["data"]["object"]["id"] == dropped["id"])
-    assert [d["state"] for d in deliveries if d["event"] == ev["id"]] == ["dropped"]
+    assert [d["state"] for d in await deliveries_of(hooked, ev["id"], until="dropped")] == ["dropped"]
     assert (await ok(hooked.url, "GET", f"/v1/events/{ev['id']}"))["type"] == "payment_intent.succeeded"
 
 
@@ -500,5 +513,26 @@ async def test_restart_keeps_charges_and_keys(tmp_path: Path) -> None:
         assert [p["id"] for p in found["data"]] == [pi["id"]]
         captured = await ok(sim.url, "POST", f"/v1/payment_intents/{pi['id']}/capture", {})
         assert captured["amount_received"] == 1000
+    finally:
+        assert sim.stop() == 0, sim.logs()
+
+
+async def test_keys_are_kept_24_hours(tmp_path: Path) -> None:
+    sim = SimPsp(tmp_path / "psp").start()
+    try:
+        await ok(sim.url, "POST", "/v1/payment_intents", intent(), key="old-key")
+        await ok(sim.url, "POST", "/v1/payment_intents", intent(), key="young-key")
+    finally:
+        assert sim.stop() == 0, sim.logs()
+    with sqlite3.connect(tmp_path / "psp" / "psp.sqlite3") as db:  # age the keys while it is down
+        db.execute("UPDATE idem SET created = created - ? WHERE key = 'old-key'", (24 * 3600 + 60,))
+        db.execute("UPDATE idem SET created = created - ? WHERE key = 'young-key'", (23 * 3600,))
+    sim.port = free_port()
+    sim.start()
+    try:
+        assert (await ok(sim.url, "GET", "/v1/payment_intents?idempotency_key=old-key"))["data"] == []
+        await ok(sim.url, "POST", "/v1/payment_intents", intent(amount=2000), key="old-key")  # a new request
+        status, err = await error(sim.url, "POST", "/v1/payment_intents", intent(amount=2000), key="young-key")
+        assert status == 400 and err["type"] == "idempotency_error"
     finally:
         assert sim.stop() == 0, sim.logs()
