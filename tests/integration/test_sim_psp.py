@@ -536,3 +536,30 @@ async def test_keys_are_kept_24_hours(tmp_path: Path) -> None:
         assert status == 400 and err["type"] == "idempotency_error"
     finally:
         assert sim.stop() == 0, sim.logs()
+
+
+async def test_undelivered_webhooks_survive_a_restart(tmp_path: Path) -> None:
+    receiver = Receiver()  # not listening yet: every attempt fails to connect
+    sim = SimPsp(tmp_path / "psp", webhook_url=receiver.url).start()
+    try:
+        pi = await ok(sim.url, "POST", "/v1/payment_intents", intent(confirm=True))
+        event = (await ok(sim.url, "GET", "/v1/events?type=payment_intent.succeeded"))["data"][0]
+        deadline = time.monotonic() + 30
+        while not (failing := await deliveries_of(sim, event["id"], until="pending"))[0]["attempts"]:
+            assert time.monotonic() < deadline, failing
+            await asyncio.sleep(0.05)
+        assert failing[0]["state"] == "pending" and failing[0]["last_error"]  # tried, and will retry
+    finally:
+        assert sim.stop() == 0, sim.logs()
+    await receiver.start()
+    try:
+        sim.port = free_port()
+        sim.start()
+        try:
+            got = await receiver.wait_for(pi["id"], 1)
+            assert got[0]["id"] == event["id"]
+        finally:
+            assert sim.stop() == 0, sim.logs()
+    finally:
+        assert receiver.runner is not None
+        await receiver.runner.cleanup()
