@@ -563,3 +563,15 @@ async def test_undelivered_webhooks_survive_a_restart(tmp_path: Path) -> None:
     finally:
         assert receiver.runner is not None
         await receiver.runner.cleanup()
+
+
+async def test_fault_rates_follow_the_seed(tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        sim = SimPsp(tmp_path / name, "--error-5xx-rate", "0.5").start()
+        try:
+            runs.append([(await call(sim.url, "GET", "/v1/payment_intents"))[0] for _ in range(24)])
+        finally:
+            assert sim.stop() == 0, sim.logs()
+    assert runs[0] == runs[1]
+    assert set(runs[0]) == {200, 500}
