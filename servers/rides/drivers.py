@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import h3
 from redis.exceptions import NoScriptError
 
 from servers.rides.geo import RidesSettings, cell_of, cells_around
@@ -120,15 +121,31 @@ return 1
 """
 
 # KEYS[1] the set searched (geo or avail), KEYS[2] seen, KEYS[3] geo, KEYS[4] avail.
-# ARGV lng lat radius_m count cutoff_ms.
+# ARGV lng lat radius_m count cutoff_ms cell_area_m2.
 # -> flat {driver, dist_m, lng, lat, ...} nearest first, fresh only; stale ones are removed.
 _NEARBY = """
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5], 'LIMIT', 0, 1000)
 for _, d in ipairs(stale) do
   for i = 2, 4 do redis.call('ZREM', KEYS[i], d) end
 end
-local hits = redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2], 'BYRADIUS', ARGV[3], 'm',
-                        'ASC', 'COUNT', ARGV[4], 'WITHDIST', 'WITHCOORD')
+local function search(radius)
+  return redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2], 'BYRADIUS', radius, 'm',
+                    'ASC', 'COUNT', ARGV[4], 'WITHDIST', 'WITHCOORD')
+end
+-- GEOSEARCH looks at every member in the area before it sorts, so in a dense cell a
+-- circle that should hold about 4 x count members is searched first; only when it
+-- holds fewer than count is the whole radius searched. Either way the answer is the
+-- count nearest within the radius, and its cost stays flat however many are online.
+local radius, count, n = tonumber(ARGV[3]), tonumber(ARGV[4]), redis.call('ZCARD', KEYS[1])
+local hits
+if n > 4 * count then
+  local need = math.max(30, math.sqrt(4 * count * tonumber(ARGV[6]) / (math.pi * n)))
+  if need < radius then
+    hits = search(need)
+    if #hits < count then hits = nil end
+  end
+end
+if not hits then hits = search(radius) end
 local out = {}
 for _, h in ipairs(hits) do
   out[#out + 1] = h[1]
@@ -328,6 +345,7 @@ class DriverIndex:
         self.redis = redis
         self.s = settings
         self.signals = signals
+        self._cell_area_m2 = round(h3.average_hexagon_area(settings.shard_res, "m^2"))
         self._ping = redis.register_script(_PING)
         self._place = redis.register_script(_PLACE)
         self._unplace = redis.register_script(_UNPLACE)
@@ -411,7 +429,7 @@ class DriverIndex:
             cells = cells_around(self.s, lat, lng, radius)
             results = await self._pipelined(self._nearby, [
                 ([avail_key(c) if available else geo_key(c), seen_key(c), geo_key(c), avail_key(c)],
-                 [repr(lng), repr(lat), radius, count, cutoff]) for c in cells])
+                 [repr(lng), repr(lat), radius, count, cutoff, self._cell_area_m2]) for c in cells])
             found = []
             for flat in results:
                 for i in range(0, len(flat), 4):
