@@ -58,3 +58,42 @@ def test_a_batch_gives_each_ping_its_own_verdict(redis_url: str) -> None:
             await redis.aclose()
 
     asyncio.run(go())
+
+
+def test_nearby_in_a_dense_cell_is_still_the_nearest(redis_url: str) -> None:
+    """Over 4x count drivers in the cell: the script first searches a smaller circle;
+    the answer must still be exactly the nearest within the radius."""
+    import math
+    import random
+
+    async def go() -> None:
+        redis = connect(redis_url)
+        index = DriverIndex(redis, RidesSettings())
+        batcher = PingBatcher(index)
+        rng = random.Random(5)
+        t0 = 1_800_000_100_000
+        lat0, lng0 = 38.7000, -9.1800
+        spots = {20_000 + i: (lat0 + rng.uniform(-0.01, 0.01), lng0 + rng.uniform(-0.01, 0.01))
+                 for i in range(800)}
+        try:
+            await asyncio.gather(*(batcher.ping(PingArgs(d, la, ln, 0.0, 0.0, t0, t0))
+                                   for d, (la, ln) in spots.items()))
+
+            def dist(la: float, ln: float) -> float:
+                return math.hypot((la - lat0) * 111_320, (ln - lng0) * 111_320 * math.cos(math.radians(lat0)))
+
+            want = sorted(spots, key=lambda d: dist(*spots[d]))[:8]
+            got = await index.nearby(lat0, lng0, t0, count=8, radius_m=3000)
+            assert [n.driver_id for n in got] == want
+            # Far out in the same spread, with few drivers within reach: the full radius is used.
+            edge = await index.nearby(lat0 + 0.02, lng0, t0, count=8, radius_m=1500)
+            assert [n.driver_id for n in edge] == sorted(
+                (d for d in spots if math.hypot((spots[d][0] - lat0 - 0.02) * 111_320,
+                                                (spots[d][1] - lng0) * 111_320 * math.cos(math.radians(lat0)))
+                 <= 1500), key=lambda d: math.hypot((spots[d][0] - lat0 - 0.02) * 111_320, (spots[d][1] - lng0)
+                                                    * 111_320 * math.cos(math.radians(lat0))))[:8]
+        finally:
+            await batcher.close()
+            await redis.aclose()
+
+    asyncio.run(go())
