@@ -123,3 +123,28 @@ def test_state_moves_a_tree_and_keeps_one_row_per_node(tmp_path: Path) -> None:
     s.set_meta("cursor", "abc")
     s.close()
     assert State(tmp_path / "s" / "state.db").meta("cursor") == "abc"
+
+
+def test_recut_hashes_again_only_the_blocks_that_changed(tmp_path: Path) -> None:
+    from clients.drive.blocks import recut_file
+
+    ch = Chunker(block_size=64 * 1024)
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(10 * 64 * 1024 + 123))
+    first, quick = recut_file(p, ch)
+    assert first == cut_file(p, ch) and len(quick) == len(first) == 11
+    # One byte changed in block 4, and the tail grown by a byte.
+    data = bytearray(p.read_bytes())
+    data[4 * 64 * 1024 + 7] ^= 0xFF
+    data += b"!"
+    p.write_bytes(bytes(data))
+    again, quick2 = recut_file(p, ch, first, quick)
+    assert again == cut_file(p, ch)
+    assert [i for i, (a, b) in enumerate(zip(first, again, strict=True)) if a != b] == [4, 10]
+    assert [i for i, (a, b) in enumerate(zip(quick, quick2, strict=True)) if a != b] == [4, 10]
+    # A stale quick digest beside a wrong SHA-256 is not trusted blindly: a mismatch in
+    # the quick digest means the block is hashed again, so the answer is right.
+    lying = [first[0]._replace(sha256=hashlib.sha256(b"not it").hexdigest()), *again[1:]]
+    wrong_quick = ["0" * 32, *quick2[1:]]
+    fixed, _ = recut_file(p, ch, lying, wrong_quick)
+    assert fixed == cut_file(p, ch)
