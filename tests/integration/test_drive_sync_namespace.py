@@ -7,11 +7,13 @@ users' machines.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sysdesign.drive.v1 import drive_pb2 as pb
 
 from clients.drive.sync import token_subject
+from servers.drive.core import SETTLE_MS
 from tests.integration.helpers import grpc_metadata
 from tests.integration.test_drive_sync import cli, new_user, rand, stub, sync, tree
 from tests.stack import StackProcess
@@ -63,6 +65,7 @@ def test_read_only_sharee_keeps_local_edits_local(stack: StackProcess, tmp_path:
     (theirs / "docs" / "mine.txt").write_bytes(b"bob's file")
     (mine / "docs" / "b.txt").write_bytes(b"alice 2")
     sync(stack, alice, mine, "alice-laptop")
+    time.sleep(SETTLE_MS / 1000 + 0.1)  # the journal is read this far behind the clock
     r = cli(stack, "sync", str(theirs), "--once", "--stats", "--device", "bob-laptop", "--token", bob,
             "--namespace", ns)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
