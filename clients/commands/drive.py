@@ -162,7 +162,8 @@ def put_cmd(
                 node = c.get_node(remote)
                 base = node.head.revision if node is not None and node.kind == 1 else 0
             with _progress() as progress:
-                res = c.upload_file(local, remote, base, progress=RichTransfer(progress))
+                res = c.upload_file(local, remote, base, progress=RichTransfer(progress),
+                                    hashing=RichTransfer(progress))
         except grpc.RpcError as e:
             rpc_fail(e, {"base_revision": "--base", "device": "--device", "path": "REMOTE"})
         except FileChanged as e:
@@ -461,12 +462,15 @@ def sync_cmd(
     workers: Annotated[int, typer.Option(help="Blocks sent at once.")] = 4,
     limit_rate: Annotated[int, typer.Option(help="At most this many upload bytes per second (0: no limit).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per file.")] = False,
+    namespace: Annotated[str, typer.Option(
+        "--namespace", help="Sync a folder another user shared with you (its --namespace from `drive shares`) "
+                            "instead of your own tree; a read-only share is only received.")] = "",
     token: TokenOpt = None,
     user: UserOpt = None,
 ) -> None:
     """Two-way sync of LOCAL_DIR with your tree, until Ctrl-C (state in LOCAL_DIR/.sysdesign-sync)."""
     from clients.drive.state import STATE_DIR, State
-    from clients.drive.sync import Stats, SyncEngine, run, token_subject
+    from clients.drive.sync import NotShared, Stats, SyncEngine, run, token_subject
 
     tok = _token(token, user)
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -480,6 +484,12 @@ def sync_cmd(
              f"remove {root / STATE_DIR} to sync this folder afresh")
     if sub and not owner:
         state.set_meta("user", sub)
+    synced_ns = state.meta("namespace")
+    if state.meta("cursor") and synced_ns != namespace:
+        state.close()
+        fail(f"{root} is synced with namespace {synced_ns or '(your own)'}, not {namespace or '(your own)'}",
+             f"remove {root / STATE_DIR} to sync this folder afresh")
+    state.set_meta("namespace", namespace)
 
     def log(message: str) -> None:
         if not quiet:
@@ -494,7 +504,8 @@ def sync_cmd(
                   f"hashed {s.hashed_files} files", highlight=False, soft_wrap=True)
 
     with _channel() as ch, _progress() as progress:
-        client = _client(ch, tok, None, device=device, workers=workers, limit_rate=limit_rate)
+        client = _client(ch, tok, None, namespace=namespace, device=device, workers=workers,
+                         limit_rate=limit_rate)
         engine = SyncEngine(root, client, state, log=log, transfer=lambda: RichTransfer(progress))
         try:
             run(engine, once=once, log=log, on_pass=on_pass)
@@ -502,9 +513,12 @@ def sync_cmd(
             progress.stop()
             err.print("sync stopped")
             raise typer.Exit(130) from None
+        except NotShared as e:
+            progress.stop()
+            fail(str(e))
         except grpc.RpcError as e:
             progress.stop()
-            rpc_fail(e)
+            rpc_fail(e, {"namespace_id": "--namespace"})
         finally:
             state.close()
             for tmp in root.rglob(".sysdesign-tmp-*"):  # a download cut short

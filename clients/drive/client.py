@@ -91,6 +91,17 @@ class RateLimit:
             time.sleep(start - now)
 
 
+def hash_file(path: Path, chunker: Chunker, progress: Transfer | None = None, description: str = "") -> list[BlockRef]:
+    """``cut_file``, reporting the bytes read to ``progress`` (started with the file's size, then finished)."""
+    if progress is None:
+        return cut_file(path, chunker)
+    progress.start(description or f"# {path.name}", os.path.getsize(path))
+    try:
+        return cut_file(path, chunker, progress.advance)
+    finally:
+        progress.finish()
+
+
 @dataclass
 class UploadResult:
     node: Any
@@ -184,16 +195,17 @@ class DriveClient:
 
     def upload_file(self, local: Path, remote: str, base_revision: int = 0, *, device: str | None = None,
                     progress: Transfer | None = None, blocks: Sequence[BlockRef] | None = None,
-                    chunker: Chunker | None = None) -> UploadResult:
+                    chunker: Chunker | None = None, hashing: Transfer | None = None) -> UploadResult:
         """Commit ``local`` as ``remote`` against ``base_revision``, sending only the blocks it lacks.
 
         ``blocks`` are the file's blocks when the caller already cut it (the
-        sync client does, to compare hashes first). Raises ``FileChanged``
+        sync client does, to compare hashes first); else ``hashing`` is shown
+        the bytes read while the file is cut. Raises ``FileChanged``
         when the file is written to meanwhile: try again once it settles.
         """
         progress = progress or Transfer()
         chunker = chunker or self.chunker()
-        refs = list(blocks) if blocks is not None else cut_file(local, chunker)
+        refs = list(blocks) if blocks is not None else hash_file(local, chunker, hashing, f"# {remote}")
         req = pb.CommitFileRequest(
             path=remote, namespace_id=self.namespace_id, base_revision=base_revision,
             blocks=[pb.Block(sha256=b.sha256, size_bytes=b.size) for b in refs],

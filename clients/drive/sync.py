@@ -40,13 +40,14 @@ from typing import Any
 import grpc
 from sysdesign.drive.v1 import drive_pb2 as pb
 
-from clients.drive.blocks import BlockRef, Chunker, FileChanged, content_hash, cut_file
+from clients.drive.blocks import BlockRef, Chunker, FileChanged, content_hash
 from clients.drive.client import (
     TEMP_PREFIX,
     DownloadAborted,
     DriveClient,
     Transfer,
     code_of,
+    hash_file,
     retryable,
 )
 from clients.drive.state import STATE_DIR, Entry, State
@@ -72,9 +73,15 @@ class Stats:
     folders_created: int = 0
     conflicts: int = 0
     skipped: int = 0
+    listed_nodes: int = 0
+    local_only: int = 0
 
     def json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+class NotShared(Exception):
+    """The namespace asked for holds nothing shared with the caller."""
 
 
 def ignored(name: str) -> bool:
@@ -92,14 +99,20 @@ def token_subject(token: str) -> str:
 
 class SyncEngine:
     def __init__(self, root: Path, client: DriveClient, state: State, *, log: Log | None = None,
-                 transfer: Callable[[], Transfer] | None = None) -> None:
+                 transfer: Callable[[], Transfer] | None = None, hash_bar_bytes: int = 16 << 20) -> None:
         self.root = root
         self.client = client
         self.state = state
         self.log = log or (lambda _m: None)
         self.transfer = transfer or Transfer
+        # Files at least this big show a bar while they are hashed.
+        self.hash_bar_bytes = hash_bar_bytes
         self.stats = Stats()
         self._chunker: Chunker | None = None
+        self.ns = client.namespace_id
+        # Through a read-only share local changes are never sent (see ``check_access``).
+        self.read_only = False
+        self.roots: list[str] = ["/"]
 
     # -- helpers -----------------------------------------------------------
 
@@ -142,11 +155,77 @@ class SyncEngine:
 
     # -- pull --------------------------------------------------------------
 
+    def check_access(self) -> None:
+        """For another user's namespace: the folders shared with the caller there, and whether read-only."""
+        if not self.ns:
+            return
+        shares = [s for s in self.client.call("ListShares", pb.ListSharesRequest()).shared_with_me
+                  if s.namespace_id == self.ns]
+        if not shares:
+            raise NotShared(f"namespace {self.ns}: nothing is shared with you there "
+                             "(`sysdesign drive shares` lists what is)")
+        self.roots = sorted(s.path for s in shares)
+        writable = {s.path for s in shares if s.role == pb.ROLE_WRITER}
+        was = self.read_only
+        self.read_only = not writable
+        if self.read_only and not was:
+            self.log(f"namespace {self.ns} is shared with you read-only: changes made here stay local "
+                     "(they are never sent, and a file changed on the server too is kept as it is here)")
+
+    def journal_tip(self) -> str:
+        """A cursor at the journal's end now, read without looking at any node."""
+        cursor = ""
+        while True:
+            resp = self.client.call("ListChanges", pb.ListChangesRequest(
+                cursor=cursor, limit=1000, namespace_id=self.ns))
+            cursor = resp.cursor or cursor
+            if not resp.has_more:
+                return cursor
+
+    def initial_listing(self) -> None:
+        """First sync: download the tree as it is, then follow the journal from a cursor taken before.
+
+        The cursor is taken first, so a change made while the tree is listed is
+        read again from the journal afterwards (``apply_remote`` is idempotent:
+        a node already as the server has it is left alone).
+        """
+        tip = self.journal_tip()
+        done: set[str] = set()
+        for root in self.roots:
+            node = self.client.get_node(root)
+            if node is None:
+                continue
+            self._list_tree(node, done)
+        self.state.set_meta("cursor", tip)
+
+    def _list_tree(self, node: Any, done: set[str]) -> None:
+        folders = [node] if node.kind == pb.NODE_KIND_FOLDER else []
+        if node.kind == pb.NODE_KIND_FILE:
+            self.stats.listed_nodes += 1
+            self._guarded(node.path, partial(self.apply_remote, node.node_id, done, node))
+        while folders:
+            f = folders.pop(0)
+            if f.node_id not in ("", "0"):
+                self.stats.listed_nodes += 1
+                self._guarded(f.path, partial(self.apply_remote, f.node_id, done, f))
+            for child in self.client.list_folder(f"id:{f.node_id}" if f.node_id not in ("", "0") else "/"):
+                if child.trashed:
+                    continue
+                if child.kind == pb.NODE_KIND_FOLDER:
+                    folders.append(child)
+                else:
+                    self.stats.listed_nodes += 1
+                    self._guarded(child.path, partial(self.apply_remote, child.node_id, done, child))
+
     def pull(self) -> None:
         cursor = self.state.meta("cursor")
+        if not cursor:
+            self.initial_listing()
+            cursor = self.state.meta("cursor")
         while True:
             try:
-                resp = self.client.call("ListChanges", pb.ListChangesRequest(cursor=cursor, limit=1000))
+                resp = self.client.call("ListChanges", pb.ListChangesRequest(cursor=cursor, limit=1000,
+                                                                             namespace_id=self.ns))
             except grpc.RpcError as e:
                 if code_of(e) != grpc.StatusCode.INVALID_ARGUMENT or not cursor:
                     raise
@@ -184,13 +263,14 @@ class SyncEngine:
             self.stats.skipped += 1
             self.log(f"skipped {what}: {e.strerror or e}")
 
-    def apply_remote(self, nid: str, done: set[str] | None = None) -> None:
-        """Converge the local copy of node ``nid`` on what the server says it is now."""
+    def apply_remote(self, nid: str, done: set[str] | None = None, node: Any = None) -> None:
+        """Converge the local copy of node ``nid`` on what the server says it is now (or ``node``, just read)."""
         done = set() if done is None else done
         if nid in done:
             return
         done.add(nid)
-        node = self.client.get_node(f"id:{nid}")
+        if node is None:
+            node = self.client.get_node(f"id:{nid}")
         entry = self.state.by_node(nid)
         if node is None or node.trashed:
             if entry:
@@ -345,7 +425,9 @@ class SyncEngine:
 
     def _hash(self, rel: str) -> list[BlockRef] | None:
         try:
-            blocks = cut_file(self.local(rel), self.chunker)
+            size = os.path.getsize(self.local(rel))
+            progress = self.transfer() if size >= self.hash_bar_bytes else None
+            blocks = hash_file(self.local(rel), self.chunker, progress, f"# {rel}")
         except FileNotFoundError:
             return None
         self.stats.hashed_files += 1
@@ -406,7 +488,8 @@ class SyncEngine:
     def _move_remote(self, e: Entry, new: str) -> None:
         try:
             node = self.client.call("MoveNode", pb.MoveNodeRequest(from_path=f"id:{e.node_id}",
-                                                                    to_path=self.remote(new))).node
+                                                                    to_path=self.remote(new),
+                                                                    namespace_id=self.ns)).node
         except grpc.RpcError as err:
             if code_of(err) in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS):
                 # Gone on the server, or the name is taken there: send it as a new file.
@@ -423,7 +506,7 @@ class SyncEngine:
             return
         try:
             self.client.call("DeleteNode", pb.DeleteNodeRequest(
-                path=f"id:{e.node_id}", if_revision=0 if e.is_dir else e.revision))
+                path=f"id:{e.node_id}", if_revision=0 if e.is_dir else e.revision, namespace_id=self.ns))
         except grpc.RpcError as err:
             if code_of(err) == grpc.StatusCode.FAILED_PRECONDITION:
                 # Changed on the server since this copy was synced: that edit wins, bring it back.
@@ -438,7 +521,8 @@ class SyncEngine:
 
     def _create_remote_dir(self, rel: str) -> None:
         try:
-            node = self.client.call("CreateFolder", pb.CreateFolderRequest(path=self.remote(rel))).folder
+            node = self.client.call("CreateFolder", pb.CreateFolderRequest(path=self.remote(rel),
+                                                                                namespace_id=self.ns)).folder
         except grpc.RpcError as err:
             if code_of(err) != grpc.StatusCode.ALREADY_EXISTS:
                 raise
@@ -490,8 +574,24 @@ class SyncEngine:
 
     # -- a whole pass ------------------------------------------------------
 
+    def local_changes(self) -> list[str]:
+        """Paths that differ from what was last synced (new, changed, or removed here)."""
+        dirs, files = self._walk()
+        out = [r for r, st in files.items() if (e := self.state.get(r)) is None or not e.same_stat(st)]
+        out += [r for r in dirs if self.state.get(r) is None]
+        out += [e.path for e in self.state.all() if e.path not in files and e.path not in dirs]
+        return sorted(out)
+
     def reconcile(self) -> Stats:
+        self.check_access()
         self.pull()
+        if self.read_only:
+            changed = self.local_changes()
+            self.stats.local_only = len(changed)
+            if changed:
+                more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+                self.log(f"read-only share: not sent: {', '.join(changed[:5])}{more}")
+            return self.stats
         self.push()
         self.pull()
         return self.stats
@@ -516,7 +616,8 @@ class RemoteWatch(threading.Thread):
         failures = 0
         while not self.stopping.is_set():
             try:
-                self._call = self.client.stub.WatchChanges(pb.WatchChangesRequest(cursor=self.cursor),
+                self._call = self.client.stub.WatchChanges(pb.WatchChangesRequest(
+                    cursor=self.cursor, namespace_id=self.client.namespace_id),
                                                            metadata=self.client.md, timeout=24 * 3600)
                 for resp in self._call:
                     failures = 0
