@@ -37,7 +37,7 @@ import grpc
 from sysdesign.drive.v1 import drive_pb2 as pb
 from sysdesign.drive.v1 import drive_pb2_grpc as pbg
 
-from clients.drive.blocks import BlockRef, Chunker, cut_file, read_block
+from clients.drive.blocks import BlockRef, Chunker, cut_file, read_block, recut_file
 
 MiB = 1 << 20
 # Data per UploadBlocks message (the server's message limit is 8 MiB).
@@ -98,6 +98,18 @@ def hash_file(path: Path, chunker: Chunker, progress: Transfer | None = None, de
     progress.start(description or f"# {path.name}", os.path.getsize(path))
     try:
         return cut_file(path, chunker, progress.advance)
+    finally:
+        progress.finish()
+
+
+def rehash_file(path: Path, chunker: Chunker, known: Sequence[BlockRef], known_quick: Sequence[str],
+                progress: Transfer | None = None, description: str = "") -> tuple[list[BlockRef], list[str]]:
+    """``blocks.recut_file`` (SHA-256 only where the quick digests changed), with progress."""
+    if progress is None:
+        return recut_file(path, chunker, known, known_quick)
+    progress.start(description or f"# {path.name}", os.path.getsize(path))
+    try:
+        return recut_file(path, chunker, known, known_quick, progress.advance)
     finally:
         progress.finish()
 

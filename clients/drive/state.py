@@ -10,6 +10,11 @@ A file whose (size, mtime_ns, inode) still equal its row is unchanged since
 the last sync and is not read again; one that differs is hashed, and
 committed with ``revision`` as its base when its content changed. ``meta``
 keeps the change-journal cursor and whose namespace this folder mirrors.
+``quick_digests`` keeps, per path, the blocks last cut from the local file
+with each block's XXH3-128 beside its SHA-256 (``blocks.recut_file``): a
+changed file is SHA-256 hashed again only in the blocks whose quick digest
+changed. It is a cache of what the bytes hashed to, right whatever the
+entries say.
 Every change is committed at once, so a crash loses at most the operation
 in flight, which the next pass redoes.
 """
@@ -40,6 +45,11 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_node ON entries (node_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quick_digests (
+    path TEXT PRIMARY KEY,
+    blocks TEXT NOT NULL,
+    quick TEXT NOT NULL
+);
 """
 
 
@@ -126,6 +136,20 @@ class State:
 
     def delete(self, path: str) -> None:
         self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
+
+    # -- quick digests -----------------------------------------------------
+
+    def quick_of(self, path: str) -> tuple[list[BlockRef], list[str]]:
+        row = self.db.execute("SELECT blocks, quick FROM quick_digests WHERE path = ?", (path,)).fetchone()
+        if not row:
+            return [], []
+        refs = [BlockRef(int(o), int(s), str(h)) for o, s, h in json.loads(str(row[0]))]
+        return refs, [str(q) for q in json.loads(str(row[1]))]
+
+    def set_quick(self, path: str, blocks: list[BlockRef], quick: list[str]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO quick_digests (path, blocks, quick) VALUES (?, ?, ?)",
+            (path, json.dumps([[b.offset, b.size, b.sha256] for b in blocks]), json.dumps(quick)))
 
     def delete_tree(self, prefix: str) -> None:
         self.delete(prefix)

@@ -47,7 +47,7 @@ from clients.drive.client import (
     DriveClient,
     Transfer,
     code_of,
-    hash_file,
+    rehash_file,
     retryable,
 )
 from clients.drive.state import STATE_DIR, Entry, State
@@ -427,9 +427,11 @@ class SyncEngine:
         try:
             size = os.path.getsize(self.local(rel))
             progress = self.transfer() if size >= self.hash_bar_bytes else None
-            blocks = hash_file(self.local(rel), self.chunker, progress, f"# {rel}")
+            known, known_quick = self.state.quick_of(rel)
+            blocks, quick = rehash_file(self.local(rel), self.chunker, known, known_quick, progress, f"# {rel}")
         except FileNotFoundError:
             return None
+        self.state.set_quick(rel, blocks, quick)
         self.stats.hashed_files += 1
         self.stats.hashed_bytes += sum(b.size for b in blocks)
         return blocks

@@ -148,3 +148,21 @@ def test_recut_hashes_again_only_the_blocks_that_changed(tmp_path: Path) -> None
     wrong_quick = ["0" * 32, *quick2[1:]]
     fixed, _ = recut_file(p, ch, lying, wrong_quick)
     assert fixed == cut_file(p, ch)
+
+
+def test_state_keeps_the_quick_digests_across_reopen(tmp_path: Path) -> None:
+    from clients.drive.blocks import recut_file
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(3 * MiB + 5))
+    ch = Chunker(block_size=MiB)
+    blocks, quick = recut_file(p, ch)
+    st = State(tmp_path / "state.db")
+    assert st.quick_of("f.bin") == ([], [])
+    st.set_quick("f.bin", blocks, quick)
+    st.close()
+    st = State(tmp_path / "state.db")
+    try:
+        assert st.quick_of("f.bin") == (blocks, quick)
+    finally:
+        st.close()
