@@ -53,11 +53,17 @@ Storage (servers/payments/tables.py)
     account leaves a ``refused`` log row and a refused outcome (its id then
     answers that refusal again).
 
+Books
+    The two index partitions (accounts by currency, transfers in flight) are
+    per book, a name given to ``Ledger`` ("main" by default): ``audit()`` and
+    ``recover()`` walk one book. Account and transfer ids are global.
+
 Audit
-    ``audit()`` walks the accounts index per currency and checks: the sum of
+    ``audit()`` walks the book's accounts index per currency and checks: the sum of
     posted balances (credits - debits) and of pending balances is zero per
     currency; no flagged account is over its flag; every account log row
-    follows from the one before it; no transfer is left in flight (one that
+    follows from the one before it and is booked by the intent of the transfer
+    it names; no transfer is left in flight (one that
     is can be completed by ``recover()``).
 """
 
@@ -90,7 +96,14 @@ from servers.platform.errors import (
     Unavailable,
     Violations,
 )
-from servers.storage.table import ClusteringRange, InvalidPageToken, Row, TableError, TableStore
+from servers.storage.table import (
+    ClusteringRange,
+    InvalidPageToken,
+    Row,
+    Table,
+    TableError,
+    TableStore,
+)
 
 ACCOUNT_CODES = ("customer_funds", "merchant_receivable", "processor_clearing", "fees", "refunds")
 
@@ -274,8 +287,9 @@ _REFUSALS = {
 
 class Ledger:
     def __init__(self, tables: TableStore, *, next_id: Callable[[], int] | None = None,
-                 clock_ms: Callable[[], int] = now_ms) -> None:
+                 clock_ms: Callable[[], int] = now_ms, book: str = "main") -> None:
         self.tables = tables
+        self.book = book
         self.next_id = next_id or (lambda: secrets.randbits(62) + 1)
         self.clock_ms = clock_ms
 
@@ -302,7 +316,8 @@ class Ledger:
         at = self.clock_ms()
         # Index first, then the opening log row, then the account: an account
         # that exists always has both.
-        await self.tables.put(ACCOUNTS_BY_CURRENCY, {"currency": currency, "bucket": account_id % ACCOUNT_BUCKETS,
+        await self.tables.put(ACCOUNTS_BY_CURRENCY, {"book": self.book, "currency": currency,
+                                                     "bucket": account_id % ACCOUNT_BUCKETS,
                                                      "account_id": account_id})
         await self.tables.put(ACCOUNT_LOG, {"account_id": account_id, "seq": 0, "transfer_id": 0, "side": "",
                                             "op": "open", "amount": 0, "pending_amount": 0, "debits_posted": 0,
@@ -442,7 +457,11 @@ class Ledger:
             pintent, poutcome = psteps.get("intent"), psteps.get("outcome")
             if pintent is None or poutcome is None or poutcome["status"] != "pending":
                 if pintent is not None and poutcome is None:
-                    await self._complete(spec.pending_id)
+                    try:
+                        await self._complete(spec.pending_id)
+                    except FailedPrecondition as exc:
+                        raise NotFound(f"no pending transfer {spec.pending_id}",
+                                       reason="PENDING_TRANSFER_NOT_FOUND") from exc
                     return await self._begin(spec)
                 raise NotFound(f"no pending transfer {spec.pending_id}", reason="PENDING_TRANSFER_NOT_FOUND")
             if "resolution" in psteps:
@@ -476,8 +495,7 @@ class Ledger:
                 if why:
                     raise FailedPrecondition(_REFUSALS[why], reason=why, subject=f"accounts/{acct.id}")
         at = self.clock_ms()
-        await self.tables.put(TRANSFERS_IN_FLIGHT, {"bucket": spec.id % INFLIGHT_BUCKETS,
-                                                    "transfer_id": spec.id, "at_ms": at})
+        await self.tables.put(TRANSFERS_IN_FLIGHT, {**self._in_flight_key(spec.id), "at_ms": at})
         amount = spec.extra.get("post_amount", spec.amount) if spec.kind == "post" else spec.amount
         if spec.kind == "void":
             amount = 0
@@ -511,8 +529,7 @@ class Ledger:
         outcome = steps.get("outcome")
         if outcome is None:
             outcome = await self._decide(intent)
-        await self.tables.delete(TRANSFERS_IN_FLIGHT, {"bucket": transfer_id % INFLIGHT_BUCKETS,
-                                                       "transfer_id": transfer_id})
+        await self.tables.delete(TRANSFERS_IN_FLIGHT, self._in_flight_key(transfer_id))
         if outcome["status"] == "refused":
             why = str(outcome["reason"])
             raise FailedPrecondition(_REFUSALS.get(why, why), reason=why, subject=f"transfers/{transfer_id}")
@@ -620,17 +637,25 @@ class Ledger:
 
     # -- recovery and audit --------------------------------------------------------------
 
+    def _in_flight_key(self, transfer_id: int) -> dict[str, Any]:
+        return {"book": self.book, "bucket": transfer_id % INFLIGHT_BUCKETS, "transfer_id": transfer_id}
+
+    async def _walk(self, table: Table, partition: dict[str, Any], column: str) -> list[int]:
+        """One column of every row of one partition, page by page."""
+        out: list[int] = []
+        token = ""
+        while True:
+            page = await self.tables.slice(table, partition, limit=MAX_PAGE, page_token=token)
+            out.extend(int(r[column]) for r in page.rows)
+            token = page.next_page_token
+            if not token:
+                return out
+
     async def in_flight(self) -> list[int]:
+        """Transfers of this book begun and not yet decided."""
         out: list[int] = []
         for bucket in range(INFLIGHT_BUCKETS):
-            token = ""
-            while True:
-                page = await self.tables.slice(TRANSFERS_IN_FLIGHT, {"bucket": bucket}, limit=MAX_PAGE,
-                                               page_token=token)
-                out.extend(int(r["transfer_id"]) for r in page.rows)
-                token = page.next_page_token
-                if not token:
-                    break
+            out += await self._walk(TRANSFERS_IN_FLIGHT, {"book": self.book, "bucket": bucket}, "transfer_id")
         return out
 
     async def recover(self) -> list[int]:
@@ -640,8 +665,7 @@ class Ledger:
         for tid in await self.in_flight():
             steps = await self._steps(tid)
             if "intent" not in steps:  # died before the intent: nothing was applied
-                await self.tables.delete(TRANSFERS_IN_FLIGHT, {"bucket": tid % INFLIGHT_BUCKETS,
-                                                               "transfer_id": tid})
+                await self.tables.delete(TRANSFERS_IN_FLIGHT, self._in_flight_key(tid))
                 continue
             try:
                 await self._complete(tid)
@@ -651,16 +675,11 @@ class Ledger:
         return done
 
     async def accounts(self, currency: str) -> list[int]:
+        """The ids of this book's accounts in one currency."""
         out: list[int] = []
         for bucket in range(ACCOUNT_BUCKETS):
-            token = ""
-            while True:
-                page = await self.tables.slice(ACCOUNTS_BY_CURRENCY, {"currency": currency, "bucket": bucket},
-                                               limit=MAX_PAGE, page_token=token)
-                out.extend(int(r["account_id"]) for r in page.rows)
-                token = page.next_page_token
-                if not token:
-                    break
+            part = {"book": self.book, "currency": currency, "bucket": bucket}
+            out += await self._walk(ACCOUNTS_BY_CURRENCY, part, "account_id")
         return out
 
     async def audit(self) -> list[Finding]:
@@ -669,6 +688,7 @@ class Ledger:
         for tid in await self.in_flight():
             findings.append(Finding("IN_FLIGHT", f"transfers/{tid}",
                                     "begun and not decided; recover() completes it"))
+        intents: dict[int, Row | None] = {}
         for currency in money.CURRENCIES:
             posted = pending = 0
             for account_id in await self.accounts(currency):
@@ -687,6 +707,10 @@ class Ledger:
                                                 f"balances {_balances(r)} do not follow from {prev} "
                                                 f"and the entry ({r['op']} {r['amount']})"))
                     prev = _balances(r)
+                    tid = int(r["transfer_id"] or 0)
+                    if r["op"] != "open" and not await self._entry_matches(r, account_id, intents):
+                        findings.append(Finding("ORPHAN_ENTRY", f"accounts/{account_id}/entries/{r['seq']}",
+                                                f"names transfer {tid}, which does not book it"))
                 b = _balances(rows[-1]) if rows else (0, 0, 0, 0)
                 why = _violates(acct.flags, b)
                 if why:
@@ -698,3 +722,16 @@ class Ledger:
                 findings.append(Finding("UNBALANCED", f"currencies/{currency}",
                                         f"posted balances sum to {posted}, pending to {pending} (want 0)"))
         return findings
+
+    async def _entry_matches(self, row: Row, account_id: int, intents: dict[int, Row | None]) -> bool:
+        """Whether a log row is one its transfer's intent books on this account."""
+        tid = int(row["transfer_id"] or 0)
+        if tid not in intents:
+            intents[tid] = (await self._steps(tid)).get("intent")
+        intent = intents[tid]
+        if intent is None:
+            return False
+        want = int(intent["debit_account_id"] if row["side"] == "d" else intent["credit_account_id"])
+        op = str(row["op"])
+        kind_ok = op == "refused" or op.removeprefix("undo:") == intent["kind"]
+        return want == account_id and kind_ok and int(row["amount"] or 0) == int(intent["amount"])

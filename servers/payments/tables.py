@@ -17,15 +17,18 @@ ACCOUNTS = Table(
     comment="ledger accounts: kind, currency and flags (immutable)",
 )
 
+# The index partitions are per book (one ledger; "main" unless told): the audit
+# and recover() walk one book. Account and transfer ids are global.
+
 # Buckets of the accounts-by-currency index: enough that no partition grows
 # without bound for a large book, few enough for the audit to walk.
 ACCOUNT_BUCKETS = 16
 
 ACCOUNTS_BY_CURRENCY = Table(
     name="ledger_accounts_by_currency",
-    partition_key=("currency", "bucket"),
+    partition_key=("book", "currency", "bucket"),
     clustering=("account_id",),
-    columns={"currency": "text", "bucket": "int", "account_id": "bigint"},
+    columns={"book": "text", "currency": "text", "bucket": "int", "account_id": "bigint"},
     comment="index of ledger accounts per currency (bucketed), for the audit",
 )
 
@@ -74,9 +77,9 @@ INFLIGHT_BUCKETS = 16
 
 TRANSFERS_IN_FLIGHT = Table(
     name="ledger_transfers_in_flight",
-    partition_key=("bucket",),
+    partition_key=("book", "bucket"),
     clustering=("transfer_id",),
-    columns={"bucket": "int", "transfer_id": "bigint", "at_ms": "bigint"},
+    columns={"book": "text", "bucket": "int", "transfer_id": "bigint", "at_ms": "bigint"},
     comment="transfers begun and not yet decided: what recover() completes",
 )
 

@@ -45,7 +45,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def ledger(store: TableStore, clock: Clock) -> Ledger:
-    return Ledger(store, next_id=nid, clock_ms=clock)
+    # A book of its own: the Cassandra keyspace is shared by the run's tests.
+    return Ledger(store, next_id=nid, clock_ms=clock, book="t-" + secrets.token_hex(6))
 
 
 async def _accounts(ledger: Ledger, currency: str = "USD", *, flag: bool = True) -> tuple[int, int, int]:
@@ -264,9 +265,58 @@ async def test_audit_reports_a_corrupted_entry(ledger: Ledger, store: TableStore
     assert ("BROKEN_CHAIN", f"accounts/{customer}/entries/{int(tail['seq']) + 1}") in kinds
     assert ("BROKEN_CHAIN", f"accounts/{merchant}/entries/{int(tail2['seq']) + 1}") in kinds
     assert ("UNBALANCED", "currencies/USD") in kinds
+    assert ("ORPHAN_ENTRY", f"accounts/{customer}/entries/{int(tail['seq']) + 1}") in kinds
     # A flagged account pushed over its flag.
     tail3 = (await store.slice(ACCOUNT_LOG, {"account_id": customer}, limit=1, reverse=True)).rows[0]
     await store.put(ACCOUNT_LOG, {**tail3, "seq": int(tail3["seq"]) + 1, "transfer_id": nid(), "op": "single",
                                   "side": "d", "amount": 10, "debits_posted": int(tail3["debits_posted"]) + 10},
                     if_not_exists=True)
     assert any(f.kind == "FLAG_VIOLATED" and f.subject == f"accounts/{customer}" for f in await ledger.audit())
+
+
+async def test_a_credit_refused_after_its_debit_is_taken_back(ledger: Ledger) -> None:
+    clearing, customer, _ = await _accounts(ledger, flag=False)
+    fees = await ledger.create_account(code="fees", currency="USD", credits_must_not_exceed_debits=True)
+    await ledger.transfer(id=nid(), debit_account_id=fees.id, credit_account_id=customer, amount=100)
+    from servers.payments.ledger import _Spec
+
+    # Two credits that each fit alone, begun before either is applied (as two racing calls would).
+    first, second = nid(), nid()
+    for tid in (first, second):
+        assert await ledger._begin(_Spec(tid, "single", clearing, fees.id, 80))
+    assert (await ledger._complete(first)).status == "posted"
+    with pytest.raises(FailedPrecondition) as err:
+        await ledger._complete(second)
+    assert err.value.reason == "EXCEEDS_DEBITS"
+    # The debit of the refused one was booked, then taken back by an undo entry.
+    ops = [(e.transfer_id, e.op) for e in (await ledger.entries(clearing)).entries]
+    assert ops == [(first, "single"), (second, "single"), (second, "undo:single")]
+    assert (await ledger.balance(clearing)).net_posted == -80
+    assert (await ledger.balance(fees.id)).credits_posted == 80
+    # Its id answers the refusal again and books nothing more.
+    with pytest.raises(FailedPrecondition) as again:
+        await ledger.transfer(id=second, debit_account_id=clearing, credit_account_id=fees.id, amount=80)
+    assert again.value.reason == "EXCEEDS_DEBITS"
+    assert len((await ledger.entries(clearing)).entries) == 3
+    with pytest.raises(NotFound):
+        await ledger.get_transfer(second)
+    assert await ledger.audit() == []
+
+
+async def test_accounts_are_idempotent_by_id_and_recover_drops_a_transfer_never_begun(
+        ledger: Ledger, store: TableStore) -> None:
+    aid = nid()
+    a = await ledger.create_account(id=aid, code="refunds", currency="JPY")
+    assert await ledger.create_account(id=aid, code="refunds", currency="JPY") == a
+    with pytest.raises(AlreadyExists):
+        await ledger.create_account(id=aid, code="refunds", currency="KWD")
+    # A process that died after the in-flight row, before the intent.
+    from servers.payments.tables import INFLIGHT_BUCKETS, TRANSFERS_IN_FLIGHT
+
+    tid = nid()
+    await store.put(TRANSFERS_IN_FLIGHT, {"book": ledger.book, "bucket": tid % INFLIGHT_BUCKETS,
+                                          "transfer_id": tid, "at_ms": 1})
+    assert tid in await ledger.in_flight()
+    assert tid not in await ledger.recover()
+    assert await ledger.in_flight() == []
+    assert await ledger.audit() == []
