@@ -1,0 +1,86 @@
+"""Ledger tables (the table port: Cassandra's model, SQLite by default).
+
+Every row that decides something is claimed ``IF NOT EXISTS`` (a lightweight
+transaction) and never written again; the index rows (accounts by currency,
+transfers in flight) are plain writes and deletes, never mixed with LWTs on
+one row. See servers/payments/ledger.py for how they fit together.
+"""
+
+from servers.storage.table import Table
+
+ACCOUNTS = Table(
+    name="ledger_accounts",
+    partition_key=("account_id",),
+    columns={
+        "account_id": "bigint", "code": "text", "currency": "text", "flags": "int", "created_ms": "bigint",
+    },
+    comment="ledger accounts: kind, currency and flags (immutable)",
+)
+
+# The index partitions are per book (one ledger; "main" unless told): the audit
+# and recover() walk one book. Account and transfer ids are global.
+
+# Buckets of the accounts-by-currency index: enough that no partition grows
+# without bound for a large book, few enough for the audit to walk.
+ACCOUNT_BUCKETS = 16
+
+ACCOUNTS_BY_CURRENCY = Table(
+    name="ledger_accounts_by_currency",
+    partition_key=("book", "currency", "bucket"),
+    clustering=("account_id",),
+    columns={"book": "text", "currency": "text", "bucket": "int", "account_id": "bigint"},
+    comment="index of ledger accounts per currency (bucketed), for the audit",
+)
+
+ACCOUNT_LOG = Table(
+    name="ledger_account_log",
+    partition_key=("account_id",),
+    clustering=("seq",),
+    columns={
+        "account_id": "bigint", "seq": "bigint",
+        # The transfer this row applies (0 for the opening row), its side
+        # ("d" debit, "c" credit) and what it did: open, single, pending, post,
+        # void, undo:single, undo:pending or refused.
+        "transfer_id": "bigint", "side": "text", "op": "text",
+        "amount": "bigint", "pending_amount": "bigint",
+        # The account's balances after this row.
+        "debits_posted": "bigint", "credits_posted": "bigint",
+        "debits_pending": "bigint", "credits_pending": "bigint",
+        "at_ms": "bigint",
+    },
+    comment="each ledger account's entries, claimed IF NOT EXISTS by seq; each carries the balances after it",
+)
+
+TRANSFERS = Table(
+    name="ledger_transfers",
+    partition_key=("transfer_id",),
+    clustering=("step",),
+    columns={
+        "transfer_id": "bigint", "step": "text",
+        # step "intent": what the caller asked for.
+        "kind": "text", "debit_account_id": "bigint", "credit_account_id": "bigint", "amount": "bigint",
+        "currency": "text", "code": "text", "reference": "text", "pending_id": "bigint",
+        "timeout_at_ms": "bigint", "fingerprint": "text",
+        # The tail seq of each account's log when the intent was written: an
+        # application of this transfer can only come after it.
+        "debit_from_seq": "bigint", "credit_from_seq": "bigint",
+        # step "outcome": posted, pending, voided or refused (with the reason).
+        "status": "text", "reason": "text", "debit_seq": "bigint", "credit_seq": "bigint",
+        # step "resolution" of a pending transfer: the post or void that resolved it.
+        "resolver_id": "bigint",
+        "at_ms": "bigint",
+    },
+    comment="ledger transfers: the intent, its outcome, and for a pending one its single resolution",
+)
+
+INFLIGHT_BUCKETS = 16
+
+TRANSFERS_IN_FLIGHT = Table(
+    name="ledger_transfers_in_flight",
+    partition_key=("book", "bucket"),
+    clustering=("transfer_id",),
+    columns={"book": "text", "bucket": "int", "transfer_id": "bigint", "at_ms": "bigint"},
+    comment="transfers begun and not yet decided: what recover() completes",
+)
+
+TABLES = [ACCOUNTS, ACCOUNTS_BY_CURRENCY, ACCOUNT_LOG, TRANSFERS, TRANSFERS_IN_FLIGHT]
