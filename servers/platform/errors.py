@@ -44,6 +44,13 @@ class ServiceError(Exception):
         return status_pb2.Status(code=code_value, message=self.message, details=packed)
 
 
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    """google.rpc.RetryInfo: retry after ``seconds``."""
+    secs = int(seconds)
+    nanos = int((seconds - secs) * 1e9)
+    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=secs, nanos=nanos))
+
+
 class FieldViolation(tuple[str, str]):
     """(field path, description): the path uses proto field names, dotted for nesting."""
 
@@ -131,12 +138,7 @@ class ResourceExhausted(ServiceError):
         self.retry_after_seconds = retry_after_seconds
 
     def details(self) -> list[object]:
-        secs = int(self.retry_after_seconds)
-        nanos = int((self.retry_after_seconds - secs) * 1e9)
-        return [
-            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=secs, nanos=nanos)),
-            *super().details(),
-        ]
+        return [retry_info(self.retry_after_seconds), *super().details()]
 
 
 class Aborted(ServiceError):
@@ -150,12 +152,7 @@ class Aborted(ServiceError):
         self.retry_after_seconds = retry_after_seconds
 
     def details(self) -> list[object]:
-        secs = int(self.retry_after_seconds)
-        nanos = int((self.retry_after_seconds - secs) * 1e9)
-        return [
-            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=secs, nanos=nanos)),
-            *super().details(),
-        ]
+        return [retry_info(self.retry_after_seconds), *super().details()]
 
 
 class Replayed(ServiceError):
