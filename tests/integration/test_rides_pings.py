@@ -97,3 +97,23 @@ def test_nearby_in_a_dense_cell_is_still_the_nearest(redis_url: str) -> None:
             await redis.aclose()
 
     asyncio.run(go())
+
+
+def test_the_same_ping_twice_is_accepted_once_a_different_one_at_that_time_is_not(redis_url: str) -> None:
+    """A pipeline resent after a lost reply runs its scripts again: the very same ping
+    must not then be refused as going back in time."""
+    async def go() -> None:
+        redis = connect(redis_url)
+        index = DriverIndex(redis, RidesSettings())
+        t0 = 1_800_000_200_000
+        try:
+            ping = PingArgs(30_000, 38.71, -9.14, 10.0, 3.0, t0, t0)
+            assert await index.ping_many([ping]) == ["available"]
+            assert await index.ping_many([ping]) == ["available"]
+            moved = PingArgs(30_000, 38.7101, -9.14, 10.0, 3.0, t0, t0 + 5)
+            (out,) = await index.ping_many([moved])
+            assert isinstance(out, PingRefused) and out.field == "time"
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
