@@ -476,21 +476,29 @@ class DriverIndex:
         """One script run for each (keys, args), in one pipeline (one round trip)."""
         if len(calls) == 1:
             return [await script(keys=calls[0][0], args=calls[0][1])]
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
+                for i in todo:
+                    keys, args = calls[i]
                     queue_evalsha(pipe, script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                # A restarted or new node has not seen the script: load it, run them again
-                # (a script that raised NOSCRIPT never ran, so none runs twice).
-                await self.redis.script_load(script.script)
-                continue
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
-            return list(results)
-        raise AssertionError("unreachable")
+                got = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, r in zip(todo, got, strict=True):
+                results[i] = r
+                if isinstance(r, NoScriptError) and attempt == 0:
+                    missing.append(i)
+            if not missing:
+                break
+            # A restarted or new node has not seen the script: load it and run again only the
+            # calls that raised NOSCRIPT (they never ran; the others did and must not run twice).
+            await self.redis.script_load(script.script)
+            todo = missing
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
 
     async def _signal(self, *messages: str) -> None:
         if self.signals is not None:
