@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -160,6 +161,21 @@ class CassandraTableStore(TableStore):
         self._cluster = cluster
         return session
 
+    def _connect_with_retries(self, attempts: int = 3) -> Any:
+        """``_connect_blocking``, tried again after a short pause when no node answered in
+        time: a node busy at that moment (many stores connecting at once, a loaded machine)
+        is not a node that is down."""
+        from cassandra.cluster import NoHostAvailable
+
+        for attempt in range(attempts):
+            try:
+                return self._connect_blocking()
+            except NoHostAvailable:
+                if attempt == attempts - 1 or self._closed:
+                    raise
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
+
     async def _get_session(self) -> Any:
         if self._session is not None:
             return self._session
@@ -168,7 +184,7 @@ class CassandraTableStore(TableStore):
                 raise TableError("the table store is closed")
             if self._session is None:
                 try:
-                    self._session = await asyncio.to_thread(self._connect_blocking)
+                    self._session = await asyncio.to_thread(self._connect_with_retries)
                 except Exception as exc:
                     raise TableError(f"cassandra {self.hosts}:{self.port}: {exc}") from exc
             return self._session
