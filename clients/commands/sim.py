@@ -49,7 +49,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         drop_webhooks: Annotated[float, typer.Option(min=0, max=1, help="Fault: share of events never "
                                                                          "delivered.")] = 0.0,
     ) -> None:
-        """A card processor (Stripe's PaymentIntents API, simplified) on loopback: docs/sim-psp.md."""
+        """A card processor (Stripe's PaymentIntents API, simplified) on loopback: docs/sim.md."""
         from servers.sim.psp import Faults, PspConfig, run
 
         if webhook_url and not webhook_url.startswith(("http://", "https://")):

@@ -4,7 +4,7 @@ Payment intents (authorize, capture in full or in part, cancel), refunds (severa
 never more than captured), Stripe's idempotency keys, Stripe's test cards,
 signed webhooks with retries, a daily settlement CSV and fault switches. State
 lives in SQLite under the data dir, so a restarted simulator still knows its
-charges. docs/sim-psp.md describes the endpoints.
+charges. docs/sim.md describes the endpoints.
 """
 
 from __future__ import annotations
