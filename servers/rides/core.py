@@ -546,6 +546,11 @@ class RidesCore:
                     # Other rides of this process skip a driver being offered one right now.
                     self._offering.add(cand.driver_id)
                     try:
+                        # The offer's row first: a driver told of an offer can always read it (an
+                        # offer that is not made leaves a row no driver's state points to).
+                        await self.tables.put(RIDE_OFFERS, {"offer_id": offer_id, "ride_id": ride_id,
+                                                            "driver_id": cand.driver_id, "deadline_ms": deadline,
+                                                            "eta_s": int(cand.eta_s)})
                         got = await self.index.offer(cand.driver_id, offer_id, ride_id, deadline, at)
                     finally:
                         self._offering.discard(cand.driver_id)
@@ -565,9 +570,6 @@ class RidesCore:
                     continue
             waited_since = 0.0
             cand, offer_id, deadline = offered
-            await self.tables.put(RIDE_OFFERS, {"offer_id": offer_id, "ride_id": ride_id,
-                                                "driver_id": cand.driver_id, "deadline_ms": deadline,
-                                                "eta_s": int(cand.eta_s)})
             def made(cur: Row, c: Candidate = cand, o: int = offer_id, d: int = deadline) -> dict[str, Any]:
                 return {"offer_id": o, "offer_driver": c.driver_id, "offer_deadline_ms": d,
                         "asked": ",".join(x for x in (str(cur["asked"] or ""), str(c.driver_id)) if x),
