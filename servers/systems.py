@@ -20,6 +20,7 @@ from servers.media import core as media_core
 from servers.media import edge as media_edge
 from servers.media import service as media
 from servers.media import worker as media_worker
+from servers.payments import service as payments
 from servers.platform.runtime import Runtime
 from servers.ratelimit import service as ratelimit
 from servers.rides import service as rides
@@ -91,6 +92,11 @@ SYSTEMS: dict[str, System] = {
                                     concurrency=rides.dispatch_concurrency)],
                     own_stream_checks=rides.OWN_STREAM_CHECKS, open_streams=rides.OPEN_STREAMS,
                     edge_routes=rides.edge_routes),
+    # Payment intents and the ledger, the reconciler that finishes what a crash left open,
+    # and the processor's webhooks on the edge.
+    "payments": System("payments", payments.register, payments.PUBLIC_METHODS, payments.TABLES,
+                       workers=[Worker("reconciler", None, None, sweep=payments.sweep)],
+                       edge_routes=payments.edge_routes),
     # Envoy's envoy.service.ratelimit.v3.RateLimitService (protos/envoy/service/ratelimit/v3).
     "ratelimit": System("ratelimit", ratelimit.register, ratelimit.PUBLIC_METHODS, ratelimit.TABLES),
 }

@@ -83,4 +83,87 @@ TRANSFERS_IN_FLIGHT = Table(
     comment="transfers begun and not yet decided: what recover() completes",
 )
 
-TABLES = [ACCOUNTS, ACCOUNTS_BY_CURRENCY, ACCOUNT_LOG, TRANSFERS, TRANSFERS_IN_FLIGHT]
+LEDGER_TABLES = [ACCOUNTS, ACCOUNTS_BY_CURRENCY, ACCOUNT_LOG, TRANSFERS, TRANSFERS_IN_FLIGHT]
+
+# -- payment intents (servers/payments/intents.py) -------------------------------------
+#
+# An intent is an immutable header (who, how much, how it is captured) and a
+# log of its transitions, each the next row claimed IF NOT EXISTS on its seq,
+# carrying the intent's whole mutable state and named by its operation
+# ("begin:3", "done:3"), as rides do. A row that starts a processor call
+# carries the request and its key (``pending``); a row that ends one carries
+# the ledger transfers it books (``book``): the outbox the reconciler completes.
+
+PAYMENT_INTENTS = Table(
+    name="payment_intents",
+    partition_key=("intent_id",),
+    columns={
+        "intent_id": "bigint", "customer_id": "bigint", "currency": "text", "amount": "bigint",
+        "capture_method": "int", "description": "text", "metadata": "text", "create_ms": "bigint",
+    },
+    comment="payment intents: customer, amount and capture method (immutable)",
+)
+
+PAYMENT_INTENT_LOG = Table(
+    name="payment_intent_log",
+    partition_key=("intent_id",),
+    clustering=("seq",),
+    columns={
+        "intent_id": "bigint", "seq": "int", "op": "text", "status": "int", "at_ms": "bigint",
+        # How many processor operations were begun (each names its key by this number).
+        "n": "int",
+        "payment_method": "text", "psp_id": "text",
+        "capturable": "bigint", "received": "bigint", "refunded": "bigint",
+        # JSON: [{"id", "amount", "reason", "at_ms"}, ...]
+        "refunds": "text",
+        # The last processor refusal: its type (card_error: a decline), code and message.
+        "error_type": "text", "error_code": "text", "decline_code": "text", "error_message": "text",
+        "cancellation_reason": "text",
+        # JSON: the processor request in flight (servers/payments/processor.py Request), or "".
+        "pending": "text",
+        # JSON: the ledger transfers this row books, in order, or "".
+        "book": "text",
+    },
+    comment="each payment intent's transitions; the last row is the intent now",
+)
+
+PAYMENT_INTENTS_BY_CUSTOMER = Table(
+    name="payment_intents_by_customer",
+    partition_key=("customer_id",),
+    clustering=("intent_id",),
+    descending=True,
+    columns={"customer_id": "bigint", "intent_id": "bigint"},
+    comment="a customer's payment intents, newest first",
+)
+
+WORK_BUCKETS = 16
+
+PAYMENT_WORK = Table(
+    name="payment_work",
+    partition_key=("bucket",),
+    clustering=("intent_id",),
+    columns={"bucket": "int", "intent_id": "bigint", "at_ms": "bigint"},
+    comment="intents with a processor call or a ledger booking not finished: what the reconciler walks",
+)
+
+INTENT_DAY_BUCKETS = 8
+
+PAYMENT_INTENTS_BY_DAY = Table(
+    name="payment_intents_by_day",
+    partition_key=("day", "bucket"),
+    clustering=("intent_id",),
+    columns={"day": "text", "bucket": "int", "intent_id": "bigint"},
+    comment="payment intents by the UTC day they were created: what the audit walks",
+)
+
+PAYMENT_WEBHOOK_EVENTS = Table(
+    name="payment_webhook_events",
+    partition_key=("event_id",),
+    columns={"event_id": "text", "type": "text", "intent_id": "bigint", "received_ms": "bigint"},
+    comment="processor webhook events already received (claimed IF NOT EXISTS: each is applied once)",
+)
+
+INTENT_TABLES = [PAYMENT_INTENTS, PAYMENT_INTENT_LOG, PAYMENT_INTENTS_BY_CUSTOMER, PAYMENT_WORK,
+                 PAYMENT_INTENTS_BY_DAY, PAYMENT_WEBHOOK_EVENTS]
+
+TABLES = LEDGER_TABLES + INTENT_TABLES

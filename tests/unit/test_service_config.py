@@ -50,7 +50,10 @@ def test_every_unary_rpc_has_a_deadline_and_only_idempotent_ones_retry() -> None
     never_retried = {"RegisterUser", "CreateShortUrl", "CreatePaste", "CreatePost", "CreateConversation",
                      "CreateUpload",
                      # a second attempt would find the work done and answer NOT_FOUND or ALREADY_EXISTS
-                     "CreateFolder", "MoveNode", "DeleteNode", "RestoreNode", "UnshareFolder"}
+                     "CreateFolder", "MoveNode", "DeleteNode", "RestoreNode", "UnshareFolder",
+                     # money moves: a retry is the caller's, with its idempotency key
+                     "CreatePaymentIntent", "ConfirmPaymentIntent", "CapturePaymentIntent",
+                     "CancelPaymentIntent", "RefundPayment", "CreateAccount"}
     for full, m in methods().items():
         service, method = full.split("/")
         mc = policy_of(service, method)
