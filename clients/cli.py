@@ -73,7 +73,7 @@ app.add_typer(paste_app, name="paste")
 
 
 def _run_stack(services: list[str], *, edge: bool, workers: list[str], grpc_enabled: bool = True,
-               banner: bool = False) -> None:
+               banner: bool = False, extra_rows: tuple[tuple[str, str], ...] = ()) -> None:
     from servers.platform.logs import setup_logging
     from servers.platform.server import Stack, run_stack
 
@@ -93,6 +93,8 @@ def _run_stack(services: list[str], *, edge: bool, workers: list[str], grpc_enab
         t.add_row("redis", config.redis_url or f"embedded Valkey ({config.valkey_dir})")
         t.add_row("tables", ",".join(config.cassandra_hosts) or f"SQLite ({config.sqlite_path})")
         t.add_row("blobs", config.s3_endpoint or f"filesystem ({config.blob_root})")
+        for row in extra_rows:
+            t.add_row(*row)
         t.add_row("try", "sysdesign token alice   then grpcurl (see README)")
         err.print(t)
 
@@ -109,15 +111,28 @@ def up(
         "--cassandra",
         help="Keep the tables on a real Apache Cassandra node started under DATA_DIR/cassandra "
              "(needs Java 17 and, the first time, Maven) instead of SQLite.")] = False,
+    sim: Annotated[bool, typer.Option(
+        "--sim/--no-sim",
+        help="Start the card processor's stand-in (`sysdesign sim psp`) beside the stack for payments, "
+             "unless SYSDESIGN_PSP_URL names a processor already.")] = True,
 ) -> None:
     """Run every service, every worker and the HTTP edge in one process on embedded backends."""
+    from clients import psp_sim
     from servers.systems import SYSTEMS, WORKERS
 
     config = _config()
     node_dir = config.cassandra_node_dir
-    if not (cassandra or (not config.cassandra_hosts_from_env and config.cassandra_hosts)):
-        _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True)
-        return
+    with psp_sim.beside_the_stack(config, enabled=sim) as rows:
+        if not (cassandra or (not config.cassandra_hosts_from_env and config.cassandra_hosts)):
+            _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True, extra_rows=rows)
+            return
+        _up_on_cassandra(node_dir, rows)
+
+
+def _up_on_cassandra(node_dir: Path, rows: tuple[tuple[str, str], ...]) -> None:
+    from servers.systems import SYSTEMS, WORKERS
+
+    config = _config()
     if config.cassandra_hosts_from_env:
         err.print("[red]--cassandra starts a local node: unset SYSDESIGN_CASSANDRA_HOSTS first[/]")
         raise typer.Exit(2)
@@ -132,7 +147,7 @@ def up(
     try:
         config = _config()  # now names the node
         _apply_schema(config)
-        _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True)
+        _run_stack(list(SYSTEMS), edge=True, workers=list(WORKERS), banner=True, extra_rows=rows)
     finally:
         if started:
             cassandra_node.stop(node_dir)

@@ -48,6 +48,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                                  "in batches.")] = False,
         drop_webhooks: Annotated[float, typer.Option(min=0, max=1, help="Fault: share of events never "
                                                                          "delivered.")] = 0.0,
+        listen_fd: Annotated[int | None, typer.Option(hidden=True, help="Serve on this inherited listening "
+                                                                         "socket (sysdesign up).")] = None,
     ) -> None:
         """A card processor (Stripe's PaymentIntents API, simplified) on loopback: docs/sim.md."""
         from servers.sim.psp import Faults, PspConfig, run
@@ -61,7 +63,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         config = PspConfig(data_dir=data_dir, host=host, port=port, secret_key=secret_key,
                            webhook_url=webhook_url, webhook_secret=webhook_secret, seed=seed,
                            webhook_retry_base_ms=webhook_retry_base_ms,
-                           webhook_max_attempts=webhook_max_attempts, faults=faults)
+                           webhook_max_attempts=webhook_max_attempts, faults=faults, listen_fd=listen_fd)
 
         def ready(url: str) -> None:
             err.print(f"psp simulator listening on {url} (data {data_dir})", highlight=False, soft_wrap=True)

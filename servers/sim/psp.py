@@ -19,6 +19,7 @@ import json
 import random
 import re
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -159,6 +160,8 @@ class PspConfig:
     webhook_retry_cap_ms: int = 300_000
     webhook_max_attempts: int = 12
     faults: Faults = field(default_factory=Faults)
+    # A listening socket handed over by the parent (`sysdesign up`), instead of binding host:port.
+    listen_fd: int | None = None
 
 
 class ApiError(Exception):
@@ -914,6 +917,10 @@ def run(config: PspConfig, ready: Callable[[str], None] | None = None) -> None:
             ready(f"http://{config.host}:{config.port}")
 
     app.on_startup.append(announce)
+    if config.listen_fd is not None:
+        sock = socket.socket(fileno=config.listen_fd)
+        web.run_app(app, sock=sock, print=None, access_log=None, shutdown_timeout=2)
+        return
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
                 shutdown_timeout=2)
 
