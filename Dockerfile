@@ -67,6 +67,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && sysdesign --help > /dev/null
 USER 10001:10001
 WORKDIR /data
-EXPOSE 50051 8080 9464
+# gRPC, the HTTP edge, metrics, and the card processor's stand-in (sim-psp).
+EXPOSE 50051 8080 9464 12111
 ENTRYPOINT ["sysdesign"]
 CMD ["up"]
