@@ -93,6 +93,9 @@ class Stack:
             for s in selected:
                 self.service_names += s.register(registrar, rt)  # type: ignore[arg-type]
             self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+            # The servicer starts with the overall status SERVING: hold it back until
+            # the backends answer and every service's own status is set (_set_health).
+            await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             enable_reflection(
                 [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
@@ -179,7 +182,10 @@ class Stack:
             return
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ["", *self.service_names]:
+        # The overall status ("") goes SERVING last and NOT_SERVING first, so whoever
+        # waits for it never finds a service whose own status is not set yet.
+        names = [*self.service_names, ""] if serving else ["", *self.service_names]
+        for name in names:
             await self.health.set(name, status)
 
     async def _drain(self) -> None:
