@@ -64,6 +64,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import structlog
+from google.protobuf.message import Message
 
 from servers.payments import money
 from servers.payments.ledger import Account, Finding, Ledger
@@ -86,10 +87,16 @@ from servers.platform.errors import (
     Unavailable,
     retry_info,
 )
+from servers.platform.events import EVENT_COLUMN, Publisher
 from servers.platform.failpoints import failpoint
 from servers.storage.table import InvalidPageToken, Row, TableStore
 
 log = structlog.get_logger("sysdesign.payments")
+
+# The topic of PaymentIntentEvent (docs/events.md), and what builds one from the
+# intent after the change and the status before it (servers/payments/service.py).
+INTENT_TOPIC = "payments.intents"
+EventOf = Callable[["IntentView", int], Message]
 
 # PaymentIntentStatus values.
 REQUIRES_PAYMENT_METHOD, REQUIRES_CONFIRMATION, REQUIRES_ACTION, PROCESSING = 1, 2, 3, 4
@@ -237,22 +244,36 @@ class AuditReport:
 
 class PaymentsCore:
     def __init__(self, tables: TableStore, next_id: Callable[[], int], processor: Processor,
-                 settings: PaymentsSettings | None = None) -> None:
+                 settings: PaymentsSettings | None = None, *, events: Publisher | None = None,
+                 event_of: EventOf | None = None) -> None:
         self.tables = tables
         self.next_id = next_id
         self.processor = processor
         self.s = settings or PaymentsSettings()
         self.ledger = Ledger(tables, next_id=next_id, book=self.s.book)
         self._accounts: set[int] = set()
+        # Status changes are published as events (topic INTENT_TOPIC) when both are given.
+        self.events = events if event_of is not None else None
+        self.event_of = event_of
+        self._next_events_sweep = 0.0
 
     @classmethod
-    def for_runtime(cls, rt: Any) -> PaymentsCore:
+    def for_runtime(cls, rt: Any, event_of: EventOf | None = None) -> PaymentsCore:
         def make() -> PaymentsCore:
             processor = HttpProcessor()
             rt.closers.append(processor.close)
-            return cls(rt.tables, rt.snowflake.next_id, processor)
+            events = Publisher(rt.tables, rt.redis, rt.snowflake, source="payments",
+                               state_tables=[PAYMENT_INTENT_LOG])
+            return cls(rt.tables, rt.snowflake.next_id, processor, events=events, event_of=event_of)
 
         return rt.singleton("payments_core", make)  # type: ignore[no-any-return]
+
+    async def sweep_events(self) -> None:
+        """Append the status-change events a crash kept from the stream (every SYSDESIGN_EVENTS_SWEEP_S)."""
+        if self.events is None or time.monotonic() < self._next_events_sweep:
+            return
+        self._next_events_sweep = time.monotonic() + self.events.settings.sweep_s
+        await self.events.sweep_once()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -304,11 +325,25 @@ class PaymentsCore:
             if allowed is not None and int(cur["status"]) not in allowed:
                 raise _WrongStatus(int(cur["status"]))
             new = {**cur, **change(cur), "seq": int(cur["seq"]) + 1, "op": op, "at_ms": now_ms()}
+            new.pop(EVENT_COLUMN, None)  # a row carries its own event, if any
             if status is not None:
                 new["status"] = status
-            if await self.tables.put(PAYMENT_INTENT_LOG, new, if_not_exists=True):
+            if await self._append(intent_id, cur, new):
                 return new, True
         raise Unavailable("the payment intent is changing too fast; try again")
+
+    async def _append(self, intent_id: int, cur: Row, new: Row) -> bool:
+        """Claim the next log row; one that changes the status carries its PaymentIntentEvent
+        and is published (servers/platform/events.py): the event exists iff the row does."""
+        if self.events is None or self.event_of is None or int(new["status"]) == int(cur["status"]):
+            return await self.tables.put(PAYMENT_INTENT_LOG, new, if_not_exists=True)
+        header = await self.tables.get(PAYMENT_INTENTS, {"intent_id": intent_id})
+        if header is None:  # not created yet (its header is written last): nothing to tell
+            return await self.tables.put(PAYMENT_INTENT_LOG, new, if_not_exists=True)
+        message = self.event_of(IntentView(header, new), int(cur["status"]))
+        published = await self.events.publish(PAYMENT_INTENT_LOG, new, INTENT_TOPIC, message,
+                                              subject=str(intent_id), if_not_exists=True)
+        return published is not None
 
     # -- the API ---------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from servers.payments.processor import WebhookRejected
 from servers.payments.tables import TABLES as PAYMENT_TABLES
 from servers.platform.auth import Caller, require_caller
 from servers.platform.errors import InvalidArgument, NotFound, PermissionDenied, Violations
+from servers.platform.events import TABLES as EVENT_TABLES
 from servers.platform.idempotency import TABLES as IDEMPOTENCY_TABLES
 from servers.platform.idempotency import IdempotencyStore
 from servers.platform.runtime import Runtime
@@ -36,7 +37,7 @@ log = structlog.get_logger("sysdesign.payments")
 PAYMENT = pb.DESCRIPTOR.services_by_name["PaymentService"].full_name
 LEDGER = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
 PUBLIC_METHODS: set[str] = set()
-TABLES = PAYMENT_TABLES + IDEMPOTENCY_TABLES
+TABLES = PAYMENT_TABLES + IDEMPOTENCY_TABLES + EVENT_TABLES
 WEBHOOK_PATH = "/webhooks/psp"
 
 CODE_OF = {name: i + 1 for i, name in enumerate(ACCOUNT_CODES)}  # AccountCode values follow ACCOUNT_CODES
@@ -79,6 +80,18 @@ def intent_message(v: IntentView) -> pb.PaymentIntent:
         cancellation_reason=str(n["cancellation_reason"] or ""),
         create_time=_ts(int(h["create_ms"])), update_time=_ts(int(n["at_ms"])),
     )
+
+
+def intent_event(v: IntentView, previous_status: int) -> pb.PaymentIntentEvent:
+    """What a status change publishes on payments.intents (docs/events.md)."""
+    return pb.PaymentIntentEvent(payment_intent=intent_message(v),
+                                 previous_status=previous_status,  # type: ignore[arg-type]
+                                 sequence=int(v.now["seq"]))
+
+
+def core_of(rt: Runtime) -> PaymentsCore:
+    """The process's PaymentsCore, publishing its intents' status changes."""
+    return PaymentsCore.for_runtime(rt, event_of=intent_event)
 
 
 def refund_message(currency: str, r: dict[str, Any]) -> pb.Refund:
@@ -330,7 +343,7 @@ def _is_date(d: str) -> bool:
 
 
 def register(server: grpc.aio.Server, rt: Runtime) -> list[str]:
-    core = PaymentsCore.for_runtime(rt)
+    core = core_of(rt)
     # How long a claimed key is held by a call whose process may have died.
     lease_s = float(os.environ.get("SYSDESIGN_IDEMPOTENCY_LEASE_SECONDS", "30"))
     idem = rt.singleton("idempotency", lambda: IdempotencyStore(rt.tables, lease_s=lease_s))
@@ -341,12 +354,17 @@ def register(server: grpc.aio.Server, rt: Runtime) -> list[str]:
 
 async def sweep(rt: Runtime) -> float:
     """The `reconciler` worker: finishes intents left with a processor call or a booking
-    open (and transfers left in flight in the ledger); returns the seconds until the next pass."""
-    core = PaymentsCore.for_runtime(rt)
+    open (and transfers left in flight in the ledger), and appends the status-change
+    events a crash kept from their stream; returns the seconds until the next pass."""
+    core = core_of(rt)
     n = await core.reconcile()
     if n:
         log.info("reconciled", intents=n)
     await core.ledger.recover()
+    try:
+        await core.sweep_events()
+    except Exception as exc:  # the events wait for the next pass; the reconciler goes on
+        log.warning("payment_events_sweep_failed", error=repr(exc))
     return core.s.reconcile_every_s
 
 
@@ -355,7 +373,7 @@ def edge_routes(app: Any, rt: Runtime) -> None:
     from aiohttp import web
 
     async def receive(request: web.Request) -> web.Response:
-        core = PaymentsCore.for_runtime(rt)
+        core = core_of(rt)
         raw = await request.read()
         try:
             core.processor.verify_webhook(raw, request.headers)

@@ -123,6 +123,8 @@ PAYMENT_INTENT_LOG = Table(
         "pending": "text",
         # JSON: the ledger transfers this row books, in order, or "".
         "book": "text",
+        # A row that changes the status carries its PaymentIntentEvent (servers/platform/events.py).
+        "event": "text",
     },
     comment="each payment intent's transitions; the last row is the intent now",
 )

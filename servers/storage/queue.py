@@ -26,7 +26,7 @@ Life of a job::
 - A consumer holds at most ``concurrency`` jobs at a time (each read asks for
   no more than the free slots), so idle consumers get the work.
 
-Keys: the stream, its group and ``<stream>:dead``. Dead-lettering is one
+Keys: the stream, its group and ``<stream>:dead`` (or the ``dead_stream`` given). Dead-lettering is one
 MULTI over the stream and the dead-letter stream, so on Redis Cluster pass a
 hash-tagged stream name, e.g. ``key("q:blobgc")`` -> ``{q:blobgc}``; then
 ``{q:blobgc}:dead`` lands in the same slot.
@@ -141,6 +141,7 @@ class JobQueue:
         claim_idle_ms: int = 30000,
         maxlen: int | None = None,
         delete_acked: bool = True,
+        dead_stream: str | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -152,7 +153,13 @@ class JobQueue:
         # The dead-letter stream is written in one MULTI with the stream's XACK,
         # so on Redis Cluster it must hash to the stream's slot: "{q:x}" gets
         # "{q:x}:dead"; an untagged "jobs" gets "{jobs}:dead" (the slot of "jobs").
-        self.dead_stream = f"{stream}:dead" if _hash_tag(stream) else "{" + stream + "}:dead"
+        # A caller naming its own dead-letter stream (one per group of a shared
+        # stream, say) must keep it in the stream's slot.
+        if dead_stream is None:
+            dead_stream = f"{stream}:dead" if _hash_tag(stream) else "{" + stream + "}:dead"
+        elif _hash_tag(dead_stream) != (_hash_tag(stream) or stream):
+            raise ValueError(f"dead-letter stream {dead_stream!r} is not in the slot of {stream!r}")
+        self.dead_stream = dead_stream
         self.max_attempts = max_attempts
         self.claim_idle_ms = claim_idle_ms
         self.maxlen = maxlen
@@ -408,6 +415,11 @@ class JobQueue:
             if self.delete_acked:
                 pipe.xdel(self.stream, *ids)
             await pipe.execute()
+
+    async def dead_letter(self, job: Job, error: str) -> None:
+        """Move a job to the dead-letter stream now (a handler that knows retrying
+        cannot help, e.g. an entry it cannot parse); the handler then returns."""
+        await self._dead_letter(job, error, job.attempts)
 
     async def _dead_letter(self, job: Job, error: str, attempts: int) -> None:
         fields: dict[str, FieldValue] = dict(job.fields)

@@ -475,3 +475,75 @@ def test_operators_keep_their_own_books(env: Env) -> None:
             assert tr.status == "posted" or tr.status == "pending"
 
     run(go())
+
+
+def test_status_changes_are_published_as_payment_intent_events(env: Env) -> None:
+    """Each status change of an intent is one PaymentIntentEvent on payments.intents (docs/events.md)."""
+    from servers.platform.events import Consumer, Event, EventSettings
+    from servers.storage.redis_conn import connect
+
+    async def go() -> None:
+        async with grpc.aio.insecure_channel(env.stack.grpc_addr) as ch:
+            u = await new_user(ch)
+            pay = pbg.PaymentServiceStub(ch)
+            c = (await pay.CreatePaymentIntent(pb.CreatePaymentIntentRequest(
+                amount=usd("30.00"), capture_method=pb.CAPTURE_METHOD_MANUAL, payment_method="pm_card_visa"),
+                metadata=u.md)).payment_intent
+            await pay.ConfirmPaymentIntent(pb.ConfirmPaymentIntentRequest(payment_intent_id=c.payment_intent_id),
+                                           metadata=u.md)
+            done = (await pay.CapturePaymentIntent(pb.CapturePaymentIntentRequest(
+                payment_intent_id=c.payment_intent_id), metadata=u.md)).payment_intent
+            assert done.status == pb.PAYMENT_INTENT_STATUS_SUCCEEDED
+            # A refund changes no status: no event.
+            await pay.RefundPayment(pb.RefundPaymentRequest(payment_intent_id=c.payment_intent_id,
+                                                            amount=usd("5.00")), metadata=u.md)
+
+        r = connect(env.stack.redis_url)
+        mine: list[Event] = []
+
+        async def collect(event: Event) -> None:
+            if event.subject == c.payment_intent_id:
+                mine.append(event)
+
+        consumer = Consumer(r, "payments.intents", "test-" + uuid.uuid4().hex[:8], collect,
+                            types=[pb.PaymentIntentEvent], settings=EventSettings(claim_idle_ms=500))
+        await consumer.queue.ensure_group()
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run("t", stop=stop, block_ms=50))
+        try:
+            # Every event of the intent was on the stream before its call answered:
+            # once the group has read and acked all there is, it has seen them all.
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                depth = await consumer.queue.depth()
+                if depth["lag"] == 0 and depth["pending"] == 0 and depth["length"] > 0:
+                    break
+                await stop_or(stop, 0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await r.aclose()
+        assert all(e.type == "sysdesign.payments.v1.PaymentIntentEvent" for e in mine)
+        msgs = [e.message for e in mine if isinstance(e.message, pb.PaymentIntentEvent)]
+        assert len(msgs) == len(mine)
+        S = pb.PaymentIntentStatus
+        assert [(S.Name(m.previous_status), S.Name(m.payment_intent.status)) for m in msgs] == [
+            ("PAYMENT_INTENT_STATUS_REQUIRES_CONFIRMATION", "PAYMENT_INTENT_STATUS_PROCESSING"),
+            ("PAYMENT_INTENT_STATUS_PROCESSING", "PAYMENT_INTENT_STATUS_REQUIRES_CAPTURE"),
+            ("PAYMENT_INTENT_STATUS_REQUIRES_CAPTURE", "PAYMENT_INTENT_STATUS_SUCCEEDED"),
+        ]
+        seqs = [m.sequence for m in msgs]
+        assert seqs == sorted(set(seqs))
+        last = msgs[-1].payment_intent
+        assert last.payment_intent_id == c.payment_intent_id and last.customer_id == u.user_id
+        assert last.amount_received.amount_minor == 3000 and last.payment_method == "pm_card_visa"
+
+    run(go())
+
+
+async def stop_or(stop: asyncio.Event, seconds: float) -> None:
+    """Wait for ``stop`` at most ``seconds``."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

@@ -358,6 +358,46 @@ class PaymentIntent(_message.Message):
 Global___PaymentIntent: _TypeAlias = PaymentIntent  # noqa: Y015
 
 @_typing.final
+class PaymentIntentEvent(_message.Message):
+    """A payment intent's status changed. Published on the topic
+    "payments.intents": the Redis Stream events:{payments.intents}, one entry
+    per event with the fields id, type ("sysdesign.payments.v1.PaymentIntentEvent"),
+    payload (this message, serialized), topic, subject (the intent's id) and
+    at_ms (docs/events.md). Delivery is at-least-once: a consumer keeps itself
+    idempotent by the entry's id, and keeps per-intent order by sequence.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYMENT_INTENT_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STATUS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    previous_status: Global___PaymentIntentStatus.ValueType
+    """The status before this change."""
+    sequence: _builtins.int
+    """The change's place in the intent's history, increasing: an event with a
+    sequence at or below one already seen for the intent is older news.
+    """
+    @_builtins.property
+    def payment_intent(self) -> Global___PaymentIntent:
+        """The intent as of this change."""
+
+    def __init__(
+        self,
+        *,
+        payment_intent: Global___PaymentIntent | None = ...,
+        previous_status: Global___PaymentIntentStatus.ValueType = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payment_intent", b"payment_intent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payment_intent", b"payment_intent", "previous_status", b"previous_status", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PaymentIntentEvent: _TypeAlias = PaymentIntentEvent  # noqa: Y015
+
+@_typing.final
 class CreatePaymentIntentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
