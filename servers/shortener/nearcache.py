@@ -149,15 +149,24 @@ class NearCache:
         return link.visits
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(self.flush_interval)
-        await self.flush()
+        # Clicks counted while a flush is out land in the next buffer and find this
+        # task still running, so it goes on until a flush leaves nothing behind
+        # (backing off while Redis is away).
+        delay = self.flush_interval
+        while True:
+            await asyncio.sleep(delay)
+            ok = await self.flush()
+            if not self._clicks:
+                return
+            delay = self.flush_interval if ok else min(max(delay * 2, 0.5), 5.0)
 
-    async def flush(self) -> None:
-        """Write the buffered clicks to Redis: one script call per link, in one pipeline."""
+    async def flush(self) -> bool:
+        """Write the buffered clicks to Redis: one script call per link, in one pipeline.
+        False when some could not be written (they wait for the next flush)."""
         async with self._flush_lock:
             clicks, self._clicks = self._clicks, {}
             if not clicks:
-                return
+                return True
             unwritten: dict[str, Exception | None] = dict.fromkeys(clicks)
             try:
                 unwritten = dict(await self._send(clicks))
@@ -169,6 +178,8 @@ class NearCache:
             except Exception as exc:  # Redis away: keep what was not written for the next flush
                 log.warning("click_flush_failed", error=repr(exc), codes=len(unwritten))
                 self._requeue({code: clicks[code] for code in unwritten})
+                return False
+            return True
 
     async def _send(self, clicks: dict[str, _Clicks]) -> dict[str, Exception]:
         """Send, and return the links whose call failed (a script call is all or nothing)."""
