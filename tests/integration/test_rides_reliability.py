@@ -49,9 +49,11 @@ def test_a_killed_dispatcher_mid_offer_is_taken_over(tmp_path: Path) -> None:
             await asyncio.to_thread(first.start, ["worker", "dispatch"])
             offer = await silent.next_offer(within=30)
             assert offer.ride_id == ride.ride_id
+            # The driver can hear of the offer a moment before the ride's log records it:
+            # kill the dispatcher mid-offer, once the ride says OFFERED.
+            offered = await wait_state(rider, rider_u, ride.ride_id, {pb.RIDE_STATE_OFFERED}, within=10)
+            assert offered.state == pb.RIDE_STATE_OFFERED
             await asyncio.to_thread(first.stop, signal.SIGKILL)
-            offered = await rider.GetRide(pb.GetRideRequest(ride_id=ride.ride_id), metadata=rider_u.md)
-            assert offered.ride.state == pb.RIDE_STATE_OFFERED
 
             second = StackProcess(data, extra_env=env)
             workers.append(second)
