@@ -16,36 +16,27 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-
-def _int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    value = int(raw)
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
+from servers.platform.config import env_int
 
 
 @dataclass(frozen=True)
 class FeedSettings:
     celebrity_threshold: int = field(
-        default_factory=lambda: _int("SYSDESIGN_FEED_CELEBRITY_THRESHOLD", 10_000))
+        default_factory=lambda: env_int("SYSDESIGN_FEED_CELEBRITY_THRESHOLD", 10_000))
     timeline_cache_size: int = field(
-        default_factory=lambda: _int("SYSDESIGN_FEED_TIMELINE_CACHE_SIZE", 800))
+        default_factory=lambda: env_int("SYSDESIGN_FEED_TIMELINE_CACHE_SIZE", 800))
     fanout_page_size: int = field(
-        default_factory=lambda: _int("SYSDESIGN_FEED_FANOUT_PAGE_SIZE", 1000))
+        default_factory=lambda: env_int("SYSDESIGN_FEED_FANOUT_PAGE_SIZE", 1000))
     fanout_claim_idle_ms: int = field(
-        default_factory=lambda: _int("SYSDESIGN_FEED_FANOUT_CLAIM_IDLE_MS", 30_000))
+        default_factory=lambda: env_int("SYSDESIGN_FEED_FANOUT_CLAIM_IDLE_MS", 30_000))
     following_limit: int = field(
-        default_factory=lambda: _int("SYSDESIGN_FEED_FOLLOWING_LIMIT", 5000))
-    backfill: int = field(default_factory=lambda: _int("SYSDESIGN_FEED_BACKFILL", 100, minimum=0))
+        default_factory=lambda: env_int("SYSDESIGN_FEED_FOLLOWING_LIMIT", 5000))
+    backfill: int = field(default_factory=lambda: env_int("SYSDESIGN_FEED_BACKFILL", 100, minimum=0))
     near_cache_ms: int = field(
-        default_factory=lambda: _int("SYSDESIGN_FEED_NEAR_CACHE_MS", 2000, minimum=0))
-    outbox_sweep_s: int = field(default_factory=lambda: _int("SYSDESIGN_FEED_OUTBOX_SWEEP_S", 30))
+        default_factory=lambda: env_int("SYSDESIGN_FEED_NEAR_CACHE_MS", 2000, minimum=0))
+    outbox_sweep_s: int = field(default_factory=lambda: env_int("SYSDESIGN_FEED_OUTBOX_SWEEP_S", 30))
     outbox_min_age_s: int = field(
-        default_factory=lambda: _int("SYSDESIGN_FEED_OUTBOX_MIN_AGE_S", 60, minimum=0))
-    outbox_window_h: int = field(default_factory=lambda: _int("SYSDESIGN_FEED_OUTBOX_WINDOW_H", 24))
+        default_factory=lambda: env_int("SYSDESIGN_FEED_OUTBOX_MIN_AGE_S", 60, minimum=0))
+    outbox_window_h: int = field(default_factory=lambda: env_int("SYSDESIGN_FEED_OUTBOX_WINDOW_H", 24))

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -75,6 +74,7 @@ import structlog
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
+from servers.platform.config import env_int
 from servers.platform.failpoints import failpoint
 from servers.platform.ids import Snowflake, bucket_of, id_for_time, id_timestamp_ms
 from servers.storage.queue import Job, JobQueue
@@ -111,26 +111,16 @@ _TOPIC_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,99}$")
 _CONSUMER_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,99}$")
 
 
-def _int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    value = int(raw)
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class EventSettings:
-    maxlen: int = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_MAXLEN", 1_000_000))
-    grace_s: float = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_GRACE_S", 30, minimum=0))
-    abandon_s: float = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_ABANDON_S", 3600, minimum=0))
-    sweep_s: float = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_SWEEP_S", 10))
-    window_h: int = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_WINDOW_H", 24))
-    claim_idle_ms: int = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_CLAIM_IDLE_MS", 30_000))
-    max_attempts: int = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_MAX_ATTEMPTS", 5))
-    dedupe_ttl_s: int = field(default_factory=lambda: _int("SYSDESIGN_EVENTS_DEDUPE_TTL_S", 86_400))
+    maxlen: int = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_MAXLEN", 1_000_000))
+    grace_s: float = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_GRACE_S", 30, minimum=0))
+    abandon_s: float = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_ABANDON_S", 3600, minimum=0))
+    sweep_s: float = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_SWEEP_S", 10))
+    window_h: int = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_WINDOW_H", 24))
+    claim_idle_ms: int = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_CLAIM_IDLE_MS", 30_000))
+    max_attempts: int = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_MAX_ATTEMPTS", 5))
+    dedupe_ttl_s: int = field(default_factory=lambda: env_int("SYSDESIGN_EVENTS_DEDUPE_TTL_S", 86_400))
 
 
 def check_topic(topic: str) -> str:
