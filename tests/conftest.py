@@ -86,6 +86,21 @@ def cassandra_unavailable() -> str:
                    "(make test does) or set SYSDESIGN_TEST_CASSANDRA_HOSTS")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used a stack gets the end of that stack's log in its report:
+    the servers' side of a failure seen only once, on a CI machine."""
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.when != "call" or not rep.failed:
+        return
+    from tests.stack import StackProcess
+
+    for name, value in getattr(item, "funcargs", {}).items():
+        if isinstance(value, StackProcess):
+            rep.sections.append((f"stack log: {name} ({value.log_path}), last lines", value.logs(12000)))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--tables", default="sqlite", choices=["sqlite", "cassandra"],
                      help="table engine of the stacks; 'cassandra' selects the `tables` modules only")

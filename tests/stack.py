@@ -225,9 +225,9 @@ class StackProcess:
             time.sleep(0.2)
         raise TimeoutError(f"stack not serving after {timeout}s ({last}):\n{self.logs()}")
 
-    def logs(self) -> str:
+    def logs(self, chars: int = 6000) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-6000:]
+            return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
 

@@ -111,6 +111,7 @@ class Driver:
         self.errors: list[grpc.aio.AioRpcError] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.result: pb.UpdateLocationResponse | None = None
+        self.watch_ended: BaseException | str = "open"
 
     async def _requests(self) -> AsyncIterator[pb.UpdateLocationRequest]:
         while True:
@@ -130,6 +131,14 @@ class Driver:
         await self.pings.put(ping(lat, lng, **kw))
 
     async def _watch(self) -> None:
+        try:
+            await self._watch_offers()
+        except BaseException as exc:
+            self.watch_ended = exc
+            raise
+        self.watch_ended = EOFError("the server ended the offers stream")
+
+    async def _watch_offers(self) -> None:
         async for ev in self.stub.WatchOffers(pb.WatchOffersRequest(), metadata=self.user.md):
             if ev.HasField("offer") and self.auto == "accept":
                 try:
@@ -144,8 +153,16 @@ class Driver:
             await self.offers.put(ev)
 
     async def next_offer(self, within: float = 15) -> pb.Offer:
+        """The next offer pushed to this driver; a timeout says what its offers stream was doing
+        (the servers' side is in the stack log the report carries)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
         while True:
-            ev = await asyncio.wait_for(self.offers.get(), within)
+            try:
+                ev = await asyncio.wait_for(self.offers.get(), max(0.01, deadline - loop.time()))
+            except TimeoutError:
+                raise AssertionError(f"no offer for driver {self.user.user_id} within {within}s "
+                                     f"(offers stream: {self.watch_ended!r})") from None
             if ev.HasField("offer"):
                 return ev.offer
 
